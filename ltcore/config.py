@@ -239,6 +239,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -257,7 +262,7 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for k, v in raw.items():
         if k not in hints:
-            raise ConfigError(f"unknown config key {prefix}{k!r}; valid keys here: {', '.join(names)}")
+            raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys here: {', '.join(names)}")
         kwargs[k] = _coerce(prefix + k, hints[k], v)
     return cls(**kwargs)
 
@@ -291,7 +296,8 @@ def _set_path(raw: dict[str, Any], cls: type, key: str, text: str) -> None:
         tp = hints[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+                first = dataclasses.fields(tp)[0].name
+                raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{first}=...")
             node[part] = yaml.safe_load(text) if text != "" else ""
             if tp is str and not isinstance(node[part], str):
                 node[part] = text  # keep strings verbatim ("007", "1e-3" as names)

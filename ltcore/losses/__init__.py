@@ -1,4 +1,4 @@
-"""Loss functions: one module per loss family (see /work/shared/METHODS.md, "Baseline losses")."""
+"""Loss functions: one module per loss family (the "Baseline losses" section of METHODS.md)."""
 
 from __future__ import annotations
 

@@ -105,4 +105,5 @@ class DeferredReweighting:
         return self._weights.clone()
 
     def __repr__(self) -> str:
-        return f"DeferredReweighting(start_epoch={self.start_epoch}, beta={self.beta}, num_classes={self._weights.numel()})"
+        c = self._weights.numel()
+        return f"DeferredReweighting(start_epoch={self.start_epoch}, beta={self.beta}, num_classes={c})"

@@ -1,0 +1,310 @@
+"""The Ray Train worker loops, written once: correct with one worker and with many.
+
+Stage 1 trains backbone + head with a stage-1 recipe; stage 2 extracts features with the frozen stage-1
+backbone and fits a calibrator. Both evaluate on predictions gathered across workers (rank 0 computes the
+metrics once), checkpoint to the run's storage through ``ray.train.report`` and resume from
+``ray.train.get_checkpoint()`` after a worker failure or when the same run id is started again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from ltcore.config import Config, from_dict
+from ltcore.engine import checkpoint as ckpt
+from ltcore.engine import dist
+from ltcore.eval.metrics import compute_metrics
+from ltcore.methods.recipes import Stage1Recipe, build_stage1
+from ltcore.models import LTModel, build_model
+
+PRED_FILE = "predictions.npz"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers shared by both stages
+
+
+def model_meta(cfg: Config, classes: list[str], model: LTModel, stage: str) -> dict[str, Any]:
+    return {
+        "stage": stage,
+        "backbone": cfg.model.backbone,
+        "classes": list(classes),
+        "head": cfg.model.head,
+        "feat_dim": model.feat_dim,
+        "proj_dim": (model.projector is not None and cfg.model.proj_dim) or 0,
+        "aux_binary": model.aux_head is not None,
+        "image_size": None,
+        "method": cfg.stage1.method if stage == "stage1" else cfg.stage2.method,
+    }
+
+
+def make_model(cfg: Config, num_classes: int, recipe: Stage1Recipe | None, pretrained: bool = True) -> LTModel:
+    proj = cfg.model.proj_dim if recipe is not None and recipe.needs_projector else 0
+    aux = bool(recipe is not None and recipe.needs_aux_binary)
+    return build_model(num_classes=num_classes, backbone=cfg.model.backbone,
+                       pretrained=cfg.model.pretrained if pretrained else "none",
+                       head=cfg.model.head, proj_dim=proj, aux_binary=aux)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _autocast(device: torch.device) -> Any:
+    # bf16 autocast on CUDA only: CPU autocast is slower than fp32 on most CPUs.
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        t = torch.as_tensor(v).to(device, non_blocking=True)
+        if t.ndim == 4 and device.type == "cuda":
+            t = t.contiguous(memory_format=torch.channels_last)
+        out[k] = t
+    return out
+
+
+def iter_shard(name: str, batch_size: int, shuffle_buffer: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    shard = ray.train.get_dataset_shard(name)
+    kw: dict[str, Any] = {"batch_size": batch_size}
+    if shuffle_buffer:
+        kw["local_shuffle_buffer_size"] = shuffle_buffer
+    yield from shard.iter_torch_batches(**kw)
+
+
+@torch.no_grad()
+def predict_shard(model: nn.Module, name: str, batch_size: int, device: torch.device,
+                  features: bool = False) -> tuple[np.ndarray, ...]:
+    """(probs (N, C), labels (N,) [, features (N, D)]) of this worker's part of a split, gathered on all ranks."""
+    model.eval()
+    net = unwrap(model)
+    probs, labels, feats = [], [], []
+    for batch in iter_shard(name, batch_size):
+        batch = _to_device(batch, device)
+        with _autocast(device):
+            f = net.forward_features(batch["image"])
+            logits = net.classify(f)
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(batch["label"].cpu().numpy())
+        if features:
+            feats.append(f.float().cpu().numpy())
+    c = net.num_classes
+    p = np.concatenate(probs) if probs else np.zeros((0, c), np.float32)
+    y = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+    if features:
+        d = np.concatenate(feats) if feats else np.zeros((0, net.feat_dim), np.float32)
+        return dist.gather_arrays(p, y, d)
+    return dist.gather_arrays(p, y)
+
+
+def _metrics(cfg: Config, probs: np.ndarray, labels: np.ndarray, classes: list[str], counts: list[int]) -> dict:
+    return compute_metrics(labels, probs, classes, counts, group_rule=cfg.eval.group_rule,
+                           many_threshold=cfg.eval.many_threshold, few_threshold=cfg.eval.few_threshold,
+                           ece_bins=cfg.eval.ece_bins)
+
+
+def _log(msg: str) -> None:
+    if dist.is_main():
+        print(msg, flush=True)
+
+
+def _build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
+    s1 = cfg.stage1
+    if s1.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s1.lr, momentum=s1.momentum, weight_decay=s1.weight_decay, nesterov=True)
+    return torch.optim.AdamW(params, lr=s1.lr, weight_decay=s1.weight_decay)
+
+
+def _lr_lambda(warmup: int, total: int) -> Any:
+    def f(epoch: int) -> float:
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        t = (epoch - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1
+
+
+def stage1_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function for stage 1. loop_config: cfg (dict), classes, train_counts."""
+    cfg: Config = from_dict(loop_config["cfg"])
+    classes: list[str] = loop_config["classes"]
+    counts: list[int] = loop_config["train_counts"]
+    s1 = cfg.stage1
+    torch.manual_seed(cfg.train.seed)
+    device = ray.train.torch.get_device()
+    recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=counts, classes=classes, epochs=s1.epochs,
+                          proj_dim=cfg.model.proj_dim)
+    model = make_model(cfg, len(classes), recipe)
+    extra = recipe.state_modules().to(device)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    start_epoch, best = 0, -1.0
+    optimizer_state = scheduler_state = None
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state, meta = ckpt.load_dir(d)
+        ckpt.check_compatible(meta, model_meta(cfg, classes, model, "stage1"))
+        model.load_state_dict(state["model"])
+        extra.load_state_dict(state["extra"])
+        optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
+        start_epoch, best = state["epoch"] + 1, state.get("best", -1.0)
+        _log(f"[stage1] resuming from epoch {start_epoch} (checkpoint {restored.path})")
+
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
+    params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
+    optimizer = _build_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s1.warmup_epochs, s1.epochs))
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+
+    for epoch in range(start_epoch, s1.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        recipe.start_epoch(epoch)
+        hist = np.zeros(len(classes), np.int64)
+        loss_sum, n_seen = 0.0, 0
+        logs_sum: dict[str, float] = {}
+        for batch in iter_shard("train", s1.batch_size, cfg.train.shuffle_buffer):
+            batch = _to_device(batch, device)
+            with _autocast(device):
+                loss, logs = recipe.loss(model, batch, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            recipe.after_step(unwrap(model))
+            bs = int(batch["label"].shape[0])
+            hist += np.bincount(batch["label"].cpu().numpy(), minlength=len(classes))
+            loss_sum += float(loss.detach()) * bs
+            n_seen += bs
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + v * bs
+        scheduler.step()
+        train_time = time.perf_counter() - t0
+        # One all-reduce for everything summed over ranks: histogram, loss, counts, time.
+        tot = dist.all_reduce_sum(np.concatenate([hist, [loss_sum, n_seen], [logs_sum[k] for k in sorted(logs_sum)]]))
+        hist_all, loss_all, seen_all = tot[: len(classes)], tot[len(classes)], tot[len(classes) + 1]
+        extra_logs = {k: float(v / max(1, seen_all)) for k, v in zip(sorted(logs_sum), tot[len(classes) + 2 :])}
+
+        probs, labels = predict_shard(model, "val", cfg.train.eval_batch_size, device)
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_all / max(1, seen_all)),
+                                   "train_images": int(seen_all), "train_time_s": train_time,
+                                   "throughput_img_s": float(seen_all / max(train_time, 1e-9)),
+                                   "train_class_histogram": [int(x) for x in hist_all], **extra_logs}
+        if dist.is_main() and len(labels):
+            m = _metrics(cfg, probs, labels, classes, counts)
+            metrics.update({f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+        nan = float("nan")
+        _log(f"[stage1] epoch {epoch + 1}/{s1.epochs} loss {metrics['train_loss']:.4f} "
+             f"val acc {metrics.get('val_accuracy', nan):.4f} bal-acc {metrics.get('val_balanced_accuracy', nan):.4f} "
+             f"({train_time:.1f} s, {metrics['throughput_img_s']:.0f} img/s) "
+             f"draws/class {metrics['train_class_histogram']}")
+
+        final = epoch == s1.epochs - 1
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if dist.is_main():
+                state = {"model": unwrap(model).state_dict(), "extra": extra.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "epoch": epoch, "best": best, "sampler": {"seed": cfg.train.seed, "epoch": epoch}}
+                ckpt.save_dir(tmp, state, model_meta(cfg, classes, unwrap(model), "stage1"))
+            if final:
+                # Final predictions on val and test, gathered, saved beside the weights for the report.
+                vp, vy = probs, labels
+                tp, ty = predict_shard(model, "test", cfg.train.eval_batch_size, device)
+                if dist.is_main():
+                    np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=vy, test_probs=tp, test_labels=ty)
+            if dist.is_main():
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 2
+
+
+def stage2_loop(loop_config: dict[str, Any]) -> None:
+    """Ray Train worker function for stage 2: features from the frozen stage-1 backbone -> calibrator.
+
+    loop_config: cfg (dict), classes, train_counts, stage1_checkpoint (a ray.train.Checkpoint).
+    """
+    from ltcore.methods.stage2 import calibrate
+
+    cfg: Config = from_dict(loop_config["cfg"])
+    classes: list[str] = loop_config["classes"]
+    counts: list[int] = loop_config["train_counts"]
+    s2 = cfg.stage2
+    device = ray.train.torch.get_device()
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        # Stage 2 reports once, at its end: a checkpoint here means it already finished.
+        _log("[stage2] already complete; re-reporting its result")
+        with restored.as_directory() as d:
+            state, meta = ckpt.load_dir(d)
+        ray.train.report({"resumed": True}, checkpoint=restored if dist.is_main() else None)
+        return
+
+    stage1: ray.train.Checkpoint = loop_config["stage1_checkpoint"]
+    with stage1.as_directory() as d:
+        state, meta = ckpt.load_dir(d)
+    recipe = build_stage1(cfg.stage1.method, loss_cfg=cfg.stage1.loss, class_counts=counts, classes=classes,
+                          epochs=cfg.stage1.epochs, proj_dim=cfg.model.proj_dim)
+    model = make_model(cfg, len(classes), recipe, pretrained=False)
+    ckpt.check_compatible(meta, model_meta(cfg, classes, model, "stage1"), what="stage-1 checkpoint")
+    model.load_state_dict(state["model"])
+    model = model.to(device)
+
+    t0 = time.perf_counter()
+    _, ytr, ftr = predict_shard(model, "train", cfg.train.eval_batch_size, device, features=True)
+    _, yva, fva = predict_shard(model, "val", cfg.train.eval_batch_size, device, features=True)
+    _, yte, fte = predict_shard(model, "test", cfg.train.eval_batch_size, device, features=True)
+    extract_s = time.perf_counter() - t0
+    _log(f"[stage2] extracted features: train {len(ytr)}, val {len(yva)}, test {len(yte)} ({extract_s:.1f} s)")
+
+    metrics: dict[str, Any] = {"feature_extract_s": extract_s}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if dist.is_main():
+            # Rank 0 fits on the gathered features: the calibrators are tiny and deterministic.
+            t1 = time.perf_counter()
+            res = calibrate(s2.method, model.head, torch.as_tensor(ftr), torch.as_tensor(ytr),
+                            torch.as_tensor(fva), torch.as_tensor(yva), counts, epochs=s2.epochs, lr=s2.lr,
+                            batch_size=s2.batch_size, q=s2.q, taus=s2.tau_grid, la_tau=s2.la_tau,
+                            seed=cfg.train.seed)
+            model.head = res.head.to(device)
+            metrics["calibrate_s"] = time.perf_counter() - t1
+            metrics.update({f"calib_{k}": v for k, v in res.info.items() if isinstance(v, int | float)})
+            with torch.no_grad():
+                vp = torch.softmax(model.classify(torch.as_tensor(fva, device=device)).float(), 1).cpu().numpy()
+                tp = torch.softmax(model.classify(torch.as_tensor(fte, device=device)).float(), 1).cpu().numpy()
+            m = _metrics(cfg, vp, yva, classes, counts)
+            metrics.update({f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+            tau = f" (tau {res.info['tau']})" if "tau" in res.info else ""
+            _log(f"[stage2] {s2.method}: val acc {m['accuracy']:.4f} bal-acc {m['balanced_accuracy']:.4f}{tau}")
+            meta2 = model_meta(cfg, classes, model, "stage2")
+            ckpt.save_dir(tmp, {"model": model.state_dict(), "extra": {}, "epoch": 0, "calibration": res.info}, meta2)
+            np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=yva, test_probs=tp, test_labels=yte)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,0 +1,157 @@
+"""The two-stage job, end to end: dataset version -> stage 1 -> stage 2 -> report.json + plots.
+
+Stages hand over objects and URIs (the manifest URI, the stage-1 ``Checkpoint``), never path conventions.
+Everything that can be checked before cluster work starts is checked first (``validate``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import ray.train
+
+from ltcore import storage
+from ltcore.config import Config, ConfigError, dump_yaml, to_dict
+from ltcore.data.manifest import Manifest
+from ltcore.eval.metrics import compute_metrics
+from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
+from ltcore.eval.report import metrics_table, write_report
+from ltcore.methods.recipes import STAGE1
+from ltcore.methods.stage2 import FEATURE_CALIBRATORS
+from ltcore.models import create_backbone
+
+STAGE2_METHODS = ("none", *FEATURE_CALIBRATORS)
+PRED_FILE = "predictions.npz"
+
+
+def validate(cfg: Config, manifest: Manifest | None = None) -> None:
+    """Config checks that need no cluster: method names, backbone name, class names named in config."""
+    if cfg.stage1.method not in STAGE1:
+        choices = ", ".join(sorted(STAGE1))
+        raise ConfigError(f"stage1.method: {cfg.stage1.method!r} is not valid; choose one of {choices}")
+    if cfg.stage2.method not in STAGE2_METHODS:
+        choices = ", ".join(STAGE2_METHODS)
+        raise ConfigError(f"stage2.method: {cfg.stage2.method!r} is not valid; choose one of {choices}")
+    if cfg.stage2.method != "none" and cfg.model.head != "linear":
+        raise ConfigError(f"stage2.method={cfg.stage2.method} needs model.head=linear (got {cfg.model.head!r})")
+    if cfg.stage1.epochs < 1:
+        raise ConfigError("stage1.epochs must be >= 1")
+    if cfg.train.num_workers < 1:
+        raise ConfigError("train.num_workers must be >= 1")
+    try:
+        create_backbone(cfg.model.backbone, pretrained="none")
+    except ValueError as e:
+        raise ConfigError(f"model.backbone: {e}") from None
+    if manifest is not None:
+        empty = [c for c, n in zip(manifest.classes, manifest.class_counts("train")) if n == 0]
+        if empty:
+            raise ConfigError(f"dataset {manifest.name!r} has no training images for class(es) {', '.join(empty)}; "
+                              "lower data.imbalance_factor or add images")
+
+
+def new_run_id() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def checkpoint_uri(cp: ray.train.Checkpoint) -> str:
+    """A URI for a Ray checkpoint (local path, or scheme://path on an object store)."""
+    fs_type = type(cp.filesystem).__name__
+    if fs_type == "LocalFileSystem":
+        return cp.path
+    if fs_type == "S3FileSystem":
+        return "s3://" + cp.path
+    return cp.path
+
+
+def load_predictions(cp: ray.train.Checkpoint) -> dict[str, np.ndarray]:
+    with cp.as_directory() as d, np.load(os.path.join(d, PRED_FILE)) as z:
+        return {k: z[k] for k in z.files}
+
+
+def stage_report(cfg: Config, result: ray.train.Result, manifest: Manifest) -> dict[str, Any]:
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}")
+    assert result.checkpoint is not None
+    preds = load_predictions(result.checkpoint)
+    counts = manifest.class_counts("train")
+    rep: dict[str, Any] = {"checkpoint": checkpoint_uri(result.checkpoint), "last_metrics": dict(result.metrics or {})}
+    for split in ("val", "test"):
+        rep[split] = compute_metrics(preds[f"{split}_labels"], preds[f"{split}_probs"], list(manifest.classes), counts,
+                                     group_rule=cfg.eval.group_rule, many_threshold=cfg.eval.many_threshold,
+                                     few_threshold=cfg.eval.few_threshold, ece_bins=cfg.eval.ece_bins)
+    return rep
+
+
+def ensure_dataset(cfg: Config, log: Any = print) -> str:
+    if cfg.dataset:
+        return cfg.dataset
+    from ltcore.data.prepare import prepare_dataset
+
+    uri, _up_to_date = prepare_dataset(cfg.data)
+    return uri
+
+
+def run_two_stage(cfg: Config, *, log: Any = print) -> str:
+    """Run stage 1 (and stage 2 unless ``stage2.method: none``); returns the report.json URI."""
+    from ltcore.engine.trainer import run_stage1, run_stage2
+
+    validate(cfg)
+    t_start = time.perf_counter()
+    manifest_uri = ensure_dataset(cfg, log)
+    manifest = Manifest.load(manifest_uri)
+    validate(cfg, manifest)
+
+    run_id = cfg.train.run_id or new_run_id()
+    run_uri = storage.join(storage.normalize(cfg.train.storage), "runs", run_id)
+    storage.check_bucket(run_uri)
+    cfg_file = storage.join(run_uri, "config.yaml")
+    if storage.exists(cfg_file):
+        log(f"run {run_id} exists: resuming it")
+    storage.write_text(cfg_file, dump_yaml(cfg))
+    log(f"run {run_id}: {run_uri}")
+
+    stages: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    r1 = run_stage1(cfg, manifest_uri, manifest, run_uri)
+    timings["stage1_s"] = time.perf_counter() - t
+    stages["stage1"] = stage_report(cfg, r1, manifest)
+    final = "stage1"
+    if cfg.stage2.method != "none":
+        t = time.perf_counter()
+        assert r1.checkpoint is not None
+        r2 = run_stage2(cfg, manifest_uri, manifest, run_uri, r1.checkpoint)
+        timings["stage2_s"] = time.perf_counter() - t
+        stages["stage2"] = stage_report(cfg, r2, manifest)
+        final = "stage2"
+    timings["total_s"] = time.perf_counter() - t_start
+
+    report = {
+        "run_id": run_id,
+        "run_uri": run_uri,
+        "dataset": manifest_uri,
+        "dataset_hash": manifest.hash,
+        "classes": list(manifest.classes),
+        "class_counts": {s: manifest.class_counts(s) for s in manifest.counts},
+        "config": to_dict(cfg),
+        "stages": stages,
+        "final_stage": final,
+        "model": stages[final]["checkpoint"],
+        "metrics": {"val": stages[final]["val"], "test": stages[final]["test"]},
+        "timings": timings,
+        "throughput_img_s": stages["stage1"]["last_metrics"].get("throughput_img_s"),
+    }
+    test = stages[final]["test"]
+    plot_confusion(test["confusion_matrix"], list(manifest.classes), storage.join(run_uri, "confusion_matrix.png"))
+    plot_recall_vs_count(test["per_class_recall"], dict(zip(manifest.classes, manifest.class_counts("train"))),
+                         storage.join(run_uri, "recall_vs_count.png"))
+    uri = write_report(run_uri, report)
+    rows = {f"{name} ({cfg.stage1.method if name == 'stage1' else cfg.stage2.method}) test": st["test"]
+            for name, st in stages.items()}
+    log(metrics_table(rows))
+    return uri

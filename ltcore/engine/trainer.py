@@ -1,0 +1,116 @@
+"""Driver side: build the Ray Data inputs and the TorchTrainer for each stage, and run it.
+
+Each stage is a Ray Train run named ``stage1`` / ``stage2`` under ``<storage>/runs/<run_id>/``. Ray Train
+keeps the last ``train.keep_checkpoints`` checkpoints there, restarts failed workers from the latest one
+(``FailureConfig``), and a new run with the same name and storage path resumes from its snapshot, so
+re-running a run id continues it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from ltcore import storage
+from ltcore.config import Config, to_dict
+from ltcore.data.ingest import IngestSpec, build_dataset
+from ltcore.data.manifest import Manifest
+from ltcore.engine.loops import stage1_loop, stage2_loop
+from ltcore.methods.recipes import build_stage1
+
+
+def use_gpu(cfg: Config) -> bool:
+    if cfg.train.use_gpu == "yes":
+        return True
+    if cfg.train.use_gpu == "no":
+        return False
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
+
+
+def scaling(cfg: Config) -> ray.train.ScalingConfig:
+    gpu = use_gpu(cfg)
+    resources = {"CPU": cfg.train.cpus_per_worker}
+    if gpu:
+        resources["GPU"] = 1
+    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu, resources_per_worker=resources)
+
+
+def run_config(cfg: Config, run_uri: str, name: str) -> ray.train.RunConfig:
+    fs, path = storage.arrow_fs(run_uri)
+    if storage.is_local(run_uri):
+        os.makedirs(path, exist_ok=True)
+    return ray.train.RunConfig(
+        name=name,
+        storage_path=path,
+        storage_filesystem=fs,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+    )
+
+
+def _epoch_size(cfg: Config, batch_size: int) -> int | None:
+    # Smoke runs cap the epoch at max_steps_per_epoch batches per worker.
+    if cfg.train.max_steps_per_epoch > 0:
+        return cfg.train.max_steps_per_epoch * batch_size * cfg.train.num_workers
+    return None
+
+
+def eval_spec(manifest: Manifest, split: str, cfg: Config) -> IngestSpec:
+    return IngestSpec(split=split, views=("test",), image_size=manifest.image_size, q=None, seed=cfg.train.seed,
+                      shuffle=False)
+
+
+def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[str, Any]:
+    s1 = cfg.stage1
+    recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=manifest.class_counts("train"),
+                          classes=list(manifest.classes), epochs=s1.epochs, proj_dim=cfg.model.proj_dim)
+    views = ("strong",) if s1.augment == "strong" and recipe.views == ("weak",) else recipe.views
+    # q = 1 without a progressive schedule is plain instance sampling: skip the resampling step entirely.
+    q = None if (s1.q == 1.0 and not s1.progressive) else s1.q
+    train = IngestSpec(split="train", views=views, image_size=manifest.image_size, q=q, progressive=s1.progressive,
+                       total_epochs=s1.epochs, seed=cfg.train.seed, shuffle=True,
+                       epoch_size=_epoch_size(cfg, s1.batch_size))
+    return {
+        "train": build_dataset(manifest_uri, train),
+        "val": build_dataset(manifest_uri, eval_spec(manifest, "val", cfg)),
+        "test": build_dataset(manifest_uri, eval_spec(manifest, "test", cfg)),
+    }
+
+
+def stage2_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[str, Any]:
+    return {split: build_dataset(manifest_uri, eval_spec(manifest, split, cfg)) for split in ("train", "val", "test")}
+
+
+def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
+    return {"cfg": to_dict(cfg), "classes": list(manifest.classes), "train_counts": manifest.class_counts("train")}
+
+
+def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str) -> ray.train.Result:
+    trainer = TorchTrainer(
+        stage1_loop,
+        train_loop_config=_loop_config(cfg, manifest),
+        scaling_config=scaling(cfg),
+        run_config=run_config(cfg, run_uri, "stage1"),
+        datasets=stage1_datasets(cfg, manifest_uri, manifest),
+        torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
+    )
+    return trainer.fit()
+
+
+def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
+               stage1_checkpoint: ray.train.Checkpoint) -> ray.train.Result:
+    loop_config = _loop_config(cfg, manifest)
+    loop_config["stage1_checkpoint"] = stage1_checkpoint
+    trainer = TorchTrainer(
+        stage2_loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling(cfg),
+        run_config=run_config(cfg, run_uri, "stage2"),
+        datasets=stage2_datasets(cfg, manifest_uri, manifest),
+        torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
+    )
+    return trainer.fit()

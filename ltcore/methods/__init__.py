@@ -1,0 +1,1 @@
+"""Stage-1 recipes and stage-2 calibrators."""

@@ -1,0 +1,32 @@
+"""Evaluate a saved model (any stage checkpoint) on a split of any dataset version.
+
+    python pipelines/evaluate.py --model <checkpoint URI> --dataset <manifest URI> [--split test] [--out DIR]
+
+Prints the metrics table; the last line is ``report: <report.json URI>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ltcore import cli
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="checkpoint directory URI (the report's `model` field)")
+    p.add_argument("--dataset", required=True, help="manifest.json URI of a dataset version")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", default=None, help="where report.json goes (default: <model>/eval-<split>)")
+    p.add_argument("--batch-size", type=int, default=128)
+    args = p.parse_args()
+
+    from ltcore.engine.evaluate import evaluate_checkpoint
+
+    uri = evaluate_checkpoint(args.model, args.dataset, args.split, out_uri=args.out, batch_size=args.batch_size)
+    print(f"report: {uri}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)
