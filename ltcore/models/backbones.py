@@ -90,11 +90,10 @@ def create_backbone(name: str, pretrained: str = "none", in_chans: int = 3) -> t
     elif timm.is_model(name):
         # pretrained=False always: timm would otherwise try to download from the Hugging Face hub.
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans)
-        feat_dim = int(model.num_features)
+        feat_dim = int(model.num_features)  # type: ignore[arg-type]  # an int attribute on every timm model
     else:
         family = name.split("_")[0].rstrip("0123456789") or name
         raise ValueError(f"unknown backbone {name!r}: use one of {list_backbones()} or a timm architecture "
                          f"name (see timm.list_models('{family}*'), e.g. timm.list_models('resnet*'))")
-    if pretrained != "none":
-        load_pretrained(model, pretrained, backbone_name=name)
+    load_pretrained(model, pretrained, backbone_name=name)  # no-op for 'none'
     return model, feat_dim

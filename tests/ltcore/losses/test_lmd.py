@@ -1,0 +1,278 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ltcore.losses.lmd import (
+    ClassGaussians,
+    FDCLoss,
+    GeneralizedCELoss,
+    RelationDistillationLoss,
+    active,
+    ema_alpha,
+    ema_update_,
+)
+
+# ---------------------------------------------------------------- EMA teacher
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (1, 0.5), (9, 0.9), (999, 0.999), (10**6, 0.999)])
+def test_ema_alpha(step: int, expected: float) -> None:
+    # min(1 - 1/(step+1), 0.999): 1 - 1/2 = 0.5, 1 - 1/10 = 0.9, 1 - 1/1000 = 0.999, then capped
+    assert ema_alpha(step) == pytest.approx(expected)
+
+
+def test_ema_alpha_rejects_negative_step() -> None:
+    with pytest.raises(ValueError, match="step"):
+        ema_alpha(-1)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+
+
+def test_ema_update_params_and_buffers() -> None:
+    teacher, student = _net(), _net()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(1.0)
+        for p in student.parameters():
+            p.fill_(3.0)
+    teacher[1].running_mean.fill_(2.0)
+    student[1].running_mean.fill_(6.0)
+    student[1].num_batches_tracked.fill_(7)
+    ema_update_(teacher, student, alpha=0.75)
+    for p in teacher.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 1.5))  # 0.75 * 1 + 0.25 * 3
+    torch.testing.assert_close(teacher[1].running_mean, torch.full((2,), 3.0))  # 0.75 * 2 + 0.25 * 6
+    assert int(teacher[1].num_batches_tracked) == 7  # integer buffer copied
+    for p in student.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 3.0))  # student untouched
+
+
+def test_ema_update_alpha_zero_copies_student() -> None:
+    teacher, student = _net(), _net()
+    ema_update_(teacher, student, alpha=ema_alpha(0))
+    for pt, ps in zip(teacher.parameters(), student.parameters(), strict=True):
+        torch.testing.assert_close(pt, ps)
+
+
+def test_ema_update_rejects_different_architecture() -> None:
+    with pytest.raises(ValueError, match="shape"):
+        ema_update_(nn.Linear(2, 3), nn.Linear(2, 2), alpha=0.5)
+    with pytest.raises(ValueError, match="names"):
+        ema_update_(nn.Linear(2, 2), nn.Linear(2, 2, bias=False), alpha=0.5)
+
+
+def test_active_switch() -> None:
+    assert not active(20)
+    assert active(21)
+    assert active(3, start_epoch=2) and not active(2, start_epoch=2)
+
+
+# ---------------------------------------------------------------- relation distillation
+
+
+def test_relation_hand_values() -> None:
+    z_s = torch.zeros(2, 2)
+    z_t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    a_s = torch.eye(2)
+    a_t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    out = RelationDistillationLoss()(z_s, z_t, a_s, a_t)
+    # Row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; row 1: 0. Mean over 2.
+    prob = (0.75 * math.log(1.5) - 0.25 * math.log(2.0)) / 2  # 0.065406
+    # S = I; S' = A'A'^T = [[1,1],[1,2]] -> rows [1,1]/sqrt2, [1,2]/sqrt5.
+    # sum (S - S')^2 = (1 - 1/sqrt2)^2 + 1/2 + 1/5 + (1 - 2/sqrt5)^2 = 4 - sqrt2 - 4/sqrt5 = 0.796932; / B=2.
+    batch = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2  # 0.398466
+    # G = I; G' = A'^T A' = [[2,1],[1,1]] -> rows [2,1]/sqrt5, [1,1]/sqrt2: the same squared sum, / 2.
+    chan = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2
+    assert out["prob"].item() == pytest.approx(prob, rel=1e-5)
+    assert out["batch"].item() == pytest.approx(batch, rel=1e-5)
+    assert out["chan"].item() == pytest.approx(chan, rel=1e-5)
+    assert out["total"].item() == pytest.approx(5 * prob + 10 * batch + 10 * chan, rel=1e-5)
+
+
+def test_relation_weights() -> None:
+    z_s, z_t = torch.zeros(2, 2), torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    a_s, a_t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    out = RelationDistillationLoss(w_prob=1.0, w_batch=0.0, w_chan=2.0)(z_s, z_t, a_s, a_t)
+    assert out["total"].item() == pytest.approx(out["prob"].item() + 2 * out["chan"].item(), rel=1e-6)
+
+
+def test_relation_identity_teacher_equals_student() -> None:
+    g = torch.Generator().manual_seed(0)
+    z, a = torch.randn(5, 4, generator=g), torch.randn(5, 8, generator=g)
+    out = RelationDistillationLoss()(z, z.clone(), a, a.clone())
+    for key in ("prob", "batch", "chan", "total"):
+        assert out[key].item() == pytest.approx(0.0, abs=1e-7), key
+
+
+def test_relation_teacher_detached_and_student_gets_grad() -> None:
+    g = torch.Generator().manual_seed(1)
+    z_s = torch.randn(4, 3, generator=g, requires_grad=True)
+    z_t = torch.randn(4, 3, generator=g, requires_grad=True)
+    a_s = torch.randn(4, 6, generator=g, requires_grad=True)
+    a_t = torch.randn(4, 6, generator=g, requires_grad=True)
+    RelationDistillationLoss()(z_s, z_t, a_s, a_t)["total"].backward()
+    assert z_t.grad is None and a_t.grad is None
+    assert z_s.grad is not None and a_s.grad is not None and a_s.grad.abs().sum() > 0
+
+
+def test_relation_zero_feature_row_is_finite() -> None:
+    a_s = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
+    out = RelationDistillationLoss()(torch.zeros(2, 2), torch.zeros(2, 2), a_s, torch.ones(2, 2))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_relation_shape_mismatch() -> None:
+    with pytest.raises(ValueError, match="feats"):
+        RelationDistillationLoss()(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="logits"):
+        RelationDistillationLoss()(torch.zeros(2, 2), torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+# ---------------------------------------------------------------- generalised CE
+
+
+def test_gce_hand_value() -> None:
+    loss = GeneralizedCELoss(q=0.7)(torch.zeros(1, 2), torch.tensor([0]))
+    # p_y = 1/2: (1 - 0.5^0.7) / 0.7 = (1 - 0.615572) / 0.7 = 0.549183
+    assert loss.item() == pytest.approx((1 - 0.5**0.7) / 0.7, rel=1e-6)
+    assert loss.item() == pytest.approx(0.549183, abs=1e-6)
+
+
+def test_gce_q_one_is_one_minus_p() -> None:
+    logits = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    # q = 1: mean(1 - p_y) with p = 3/4 (target 0) and 1/2 (target 1): (1/4 + 1/2) / 2 = 0.375
+    assert GeneralizedCELoss(q=1.0)(logits, torch.tensor([0, 1])).item() == pytest.approx(0.375, rel=1e-6)
+
+
+def test_gce_small_q_approaches_ce() -> None:
+    g = torch.Generator().manual_seed(2)
+    logits, target = torch.randn(6, 4, generator=g), torch.randint(0, 4, (6,), generator=g)
+    ce = F.cross_entropy(logits, target).item()
+    # (1 - p^q)/q = -log p - q (log p)^2 / 2 + ...: relative gap ~ q * |log p| / 2, well under 1e-3 here.
+    assert GeneralizedCELoss(q=1e-4)(logits, target).item() == pytest.approx(ce, rel=1e-3)
+
+
+def test_gce_has_gradient_and_rejects_bad_q() -> None:
+    logits = torch.zeros(2, 3, requires_grad=True)
+    GeneralizedCELoss()(logits, torch.tensor([0, 2])).backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+    for q in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="q"):
+            GeneralizedCELoss(q=q)
+
+
+# ---------------------------------------------------------------- class Gaussians
+
+
+def test_class_gaussians_fit_hand_values() -> None:
+    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
+    stats = ClassGaussians.fit(feats, torch.tensor([0, 0, 1]), num_classes=2, shrinkage=0.01)
+    # class 0: mean (1, 0); centred (-1, 0), (1, 0): unbiased cov [[2, 0], [0, 0]] / (2 - 1), + 0.01 I
+    # class 1: one sample, mean (1, 3), covariance 0.01 I only
+    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [1.0, 3.0]]))
+    torch.testing.assert_close(stats.covs[0], torch.tensor([[2.01, 0.0], [0.0, 0.01]]))
+    torch.testing.assert_close(stats.covs[1], 0.01 * torch.eye(2))
+    assert stats.counts.tolist() == [2, 1]
+
+
+def test_class_gaussians_missing_class() -> None:
+    feats, labels = torch.zeros(2, 2), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match=r"classes \[1, 2\]"):
+        ClassGaussians.fit(feats, labels, num_classes=3)
+    stats = ClassGaussians.fit(feats, labels, num_classes=3, allow_missing=True)
+    assert stats.counts.tolist() == [2, 0, 0]
+    torch.testing.assert_close(stats.covs[2], 0.01 * torch.eye(2))
+
+
+def test_class_gaussians_bad_input() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 5]), num_classes=2)
+    with pytest.raises(ValueError, match="shrinkage"):
+        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 1]), num_classes=2, shrinkage=0.0)
+
+
+def test_class_gaussians_sample_moments_and_determinism() -> None:
+    means = torch.tensor([[0.0, 0.0], [5.0, -1.0]])
+    covs = torch.stack([torch.tensor([[2.0, 0.6], [0.6, 1.0]]), 0.25 * torch.eye(2)])
+    stats = ClassGaussians(means, covs)
+    x, y = stats.sample(20000, torch.Generator().manual_seed(3))
+    assert x.shape == (40000, 2) and y.tolist()[:1] == [0] and y.tolist()[-1:] == [1]
+    assert torch.equal(torch.bincount(y), torch.tensor([20000, 20000]))
+    refit = ClassGaussians.fit(x, y, num_classes=2, shrinkage=1e-12)
+    # standard error of a mean is ~ sqrt(2 / 20000) = 0.01; 0.05 is five of them
+    torch.testing.assert_close(refit.means, means, atol=0.05, rtol=0)
+    torch.testing.assert_close(refit.covs, covs, atol=0.08, rtol=0)
+    x2, _ = stats.sample(20000, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2)
+    x3, y3 = stats.sample(4, torch.Generator().manual_seed(3), classes=[1])
+    assert x3.shape == (4, 2) and y3.tolist() == [1, 1, 1, 1]
+
+
+def test_class_gaussians_ema_update() -> None:
+    stats = ClassGaussians(torch.zeros(2, 2), torch.stack([torch.eye(2), torch.eye(2)]))
+    new_means = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    new_covs = torch.stack([3 * torch.eye(2), 3 * torch.eye(2)])
+    stats.ema_update_(new_means, new_covs, decay=0.9, mask=torch.tensor([True, False]))
+    # class 0: 0.9 * 0 + 0.1 * 10 = 1; cov 0.9 * 1 + 0.1 * 3 = 1.2 on the diagonal; class 1 masked out
+    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(stats.covs[0], 1.2 * torch.eye(2))
+    torch.testing.assert_close(stats.covs[1], torch.eye(2))
+    stats.ema_update_(new_means, new_covs, decay=0.0)  # decay 0 replaces everything
+    torch.testing.assert_close(stats.means, new_means)
+
+
+# ---------------------------------------------------------------- FDC
+
+
+def test_fdc_hand_value_identity_covariances() -> None:
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    covs = torch.stack([torch.eye(2), torch.eye(2)])
+    feats = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    loss = FDCLoss()(feats, torch.tensor([0, 1]), means, covs)
+    # f0 (class 0): M_own = 0, M_other = |(0,0)-(2,0)|^2 = 4. f1 (class 1): M_own = 1, M_other = 1.
+    # other: (e^-2 + e^-0.5) / 2; own: (1 + e^-0.5) / 2; difference (e^-2 - 1) / 2 = -0.432332
+    assert loss.item() == pytest.approx((math.exp(-2) - 1) / 2, rel=1e-6)
+
+
+def test_fdc_uses_covariance() -> None:
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    covs = torch.stack([torch.diag(torch.tensor([4.0, 1.0])), torch.eye(2)])
+    loss = FDCLoss()(torch.tensor([[2.0, 0.0]]), torch.tensor([1]), means, covs)
+    # M_own = 0; M_other = 2^2 / 4 = 1 under diag(4, 1): e^-0.5 - 1 = -0.393469
+    assert loss.item() == pytest.approx(math.exp(-0.5) - 1, rel=1e-6)
+
+
+def test_fdc_gradient_pulls_toward_own_class() -> None:
+    # The corrected sign: a descent step moves the feature toward its class mean (the public code's moved it away).
+    means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    covs = torch.stack([torch.eye(2), torch.eye(2)])
+    f = torch.tensor([[0.5, 0.0]], requires_grad=True)
+    FDCLoss()(f, torch.tensor([0]), means, covs).backward()
+    assert f.grad is not None
+    stepped = f.detach() - 0.1 * f.grad
+    assert stepped.norm() < f.detach().norm()
+
+
+def test_fdc_identity_many_far_classes() -> None:
+    # A feature exactly at its own mean and infinitely far from the others: loss = 0 - 1 = -1, its minimum.
+    means = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
+    covs = torch.eye(2).repeat(3, 1, 1)
+    loss = FDCLoss()(torch.tensor([[0.0, 0.0]]), torch.tensor([0]), means, covs)
+    assert loss.item() == pytest.approx(-1.0, abs=1e-7)
+
+
+def test_fdc_bad_input() -> None:
+    means, covs = torch.zeros(2, 2), torch.eye(2).repeat(2, 1, 1)
+    with pytest.raises(ValueError, match="labels"):
+        FDCLoss()(torch.zeros(1, 2), torch.tensor([2]), means, covs)
+    with pytest.raises(ValueError, match="covs"):
+        FDCLoss()(torch.zeros(1, 2), torch.tensor([0]), means, torch.eye(3).repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="2 classes"):
+        FDCLoss()(torch.zeros(1, 2), torch.tensor([0]), means[:1], covs[:1])
