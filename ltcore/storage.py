@@ -151,7 +151,7 @@ def check_bucket(uri: str, s3: S3Options | None = None) -> None:
     bucket = path.split("/", 1)[0]
     try:
         ok = fs.exists(bucket)
-    except Exception as e:  # noqa: BLE001 - any transport error is the same user-facing problem
+    except Exception as e:
         raise StorageError(f"cannot reach object storage for {uri!r}: {type(e).__name__}: {e}; "
                            "check AWS_ENDPOINT_URL / credentials (storage.s3_* in config)") from None
     if not ok:

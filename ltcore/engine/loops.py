@@ -58,8 +58,33 @@ def make_model(cfg: Config, num_classes: int, recipe: Stage1Recipe | None, pretr
                        head=cfg.model.head, proj_dim=proj, aux_binary=aux)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+class TrainModule(nn.Module):
+    """The model and the recipe's own modules (prototypes, projectors, teachers) as one module.
+
+    DDP wraps this, so the recipe's learnable parameters are all-reduced like the model's. ``forward`` is the
+    model's; recipes reach their modules through their own references.
+    """
+
+    def __init__(self, model: LTModel, extra: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.extra = extra
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+def unwrap(model: nn.Module) -> LTModel:
+    """The LTModel inside a DDP and/or TrainModule wrapper."""
+    if hasattr(model, "module"):
+        model = model.module
+    if isinstance(model, TrainModule):
+        model = model.model
+    return model  # type: ignore[return-value]
 
 
 def _autocast(device: torch.device) -> Any:
@@ -169,10 +194,20 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
         extra.load_state_dict(state["extra"])
         optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
         start_epoch, best = state["epoch"] + 1, state.get("best", -1.0)
+        if start_epoch >= s1.epochs:
+            # A finished run started again by its id: hand back its final checkpoint, train nothing.
+            _log(f"[stage1] already complete ({s1.epochs} epochs); re-reporting its final checkpoint")
+            ray.train.report({"epoch": start_epoch - 1, "resumed": True},
+                             checkpoint=restored if dist.is_main() else None)
+            return
         _log(f"[stage1] resuming from epoch {start_epoch} (checkpoint {restored.path})")
 
-    model = ray.train.torch.prepare_model(model, move_to_device=False)
-    params = [p for p in list(model.parameters()) + list(extra.parameters()) if p.requires_grad]
+    has_extra_params = any(p.requires_grad for p in extra.parameters())
+    # Recipe parameters may sit out some steps (losses that switch on at an epoch): let DDP allow that.
+    ddp_kwargs = {"find_unused_parameters": True} if has_extra_params or recipe.find_unused_parameters else {}
+    model = ray.train.torch.prepare_model(TrainModule(model, extra), move_to_device=False,
+                                          parallel_strategy_kwargs=ddp_kwargs)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s1.warmup_epochs, s1.epochs))
     if optimizer_state is not None:

@@ -1,4 +1,4 @@
-"""Loss functions: one module per loss family (the "Baseline losses" section of METHODS.md)."""
+"""Loss functions: one module per loss family (METHODS.md: the baselines and the five papers' losses)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,43 @@ from ltcore.losses.balanced_softmax import BalancedSoftmaxLoss
 from ltcore.losses.ce import CrossEntropyLoss
 from ltcore.losses.class_balanced import DeferredReweighting, as_class_counts, class_balanced_weights
 from ltcore.losses.focal import FocalLoss
+from ltcore.losses.jrcl import BDCLoss, OneToAllSupConLoss, binary_targets
 from ltcore.losses.ldam import LDAMLoss
+from ltcore.losses.lmd import (
+    ClassGaussians,
+    FDCLoss,
+    GeneralizedCELoss,
+    RelationDistillationLoss,
+    ema_alpha,
+    ema_update_,
+)
 from ltcore.losses.logit_adjust import LogitAdjustedLoss, posthoc_logit_adjust
+from ltcore.losses.proco import ProCoLoss, recalibration_weights
+from ltcore.losses.supcon import SupConLoss
+from ltcore.losses.triplet import BatchHardTripletLoss, ClassCentreTripletLoss
 
 __all__ = [
+    "BDCLoss",
     "BalancedSoftmaxLoss",
+    "BatchHardTripletLoss",
+    "ClassCentreTripletLoss",
+    "ClassGaussians",
     "CrossEntropyLoss",
     "DeferredReweighting",
+    "FDCLoss",
     "FocalLoss",
+    "GeneralizedCELoss",
     "LDAMLoss",
     "LogitAdjustedLoss",
+    "OneToAllSupConLoss",
+    "ProCoLoss",
+    "RelationDistillationLoss",
+    "SupConLoss",
     "as_class_counts",
+    "binary_targets",
     "class_balanced_weights",
+    "ema_alpha",
+    "ema_update_",
     "posthoc_logit_adjust",
+    "recalibration_weights",
 ]

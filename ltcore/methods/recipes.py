@@ -35,6 +35,8 @@ class Stage1Recipe:
     needs_aux_binary: bool = False
     #: an extra class-balanced stream (SPMix tail images).
     needs_tail_stream: bool = False
+    #: some model parameters get no gradient in some steps (e.g. a loss term that starts at an epoch).
+    find_unused_parameters: bool = False
 
     def __init__(self, criterion: nn.Module) -> None:
         self.criterion = criterion
