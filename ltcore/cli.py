@@ -50,7 +50,8 @@ def init_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard's state API is what Ray Train's placement-group cleaner polls; keep it on.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 

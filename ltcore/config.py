@@ -147,6 +147,7 @@ class TrainConfig:
     num_workers: int = 2
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cpus_per_worker: float = 1.0
+    data_cpus: float = 0.5  # CPUs per Ray Data read/resample/decode task; tasks need CPUs left beside the workers
     max_failures: int = 1
     keep_checkpoints: int = 2
     seed: int = 0

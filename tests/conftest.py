@@ -55,7 +55,10 @@ def s3_server() -> Iterator[dict[str, str]]:
     Tests talk to it over HTTP with s3fs and pyarrow exactly as with AWS. It is a separate process,
     started here and stopped at the end of the session.
     """
-    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    # The venv's own moto first: an older moto_server elsewhere on PATH fails pyarrow's multipart uploads.
+    exe = str(Path(sys.executable).with_name("moto_server"))
+    if not Path(exe).exists():
+        exe = shutil.which("moto_server") or exe
     if not Path(exe).exists():
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
     port = _free_port()

@@ -110,6 +110,25 @@ def iter_shard(name: str, batch_size: int, shuffle_buffer: int = 0) -> Iterator[
     yield from shard.iter_torch_batches(**kw)
 
 
+def train_batches(cfg: Config, recipe: Stage1Recipe, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of training batches: the instance (or rebalanced) stream, P x K batches, or that stream
+    zipped with a class-balanced tail stream (SPMix: keys ``tail_image``, ``tail_image2``, ``tail_label``)."""
+    s1 = cfg.stage1
+    stream = iter_shard("train", s1.batch_size, cfg.train.shuffle_buffer)
+    if s1.pk_classes > 0:
+        from ltcore.methods.pk import PKBatcher
+
+        batcher = PKBatcher(s1.pk_classes, max(1, s1.batch_size // s1.pk_classes), seed=cfg.train.seed)
+        batcher.set_epoch(epoch)
+        stream = batcher(stream)
+    if not recipe.needs_tail_stream:
+        yield from stream
+        return
+    tail = iter_shard("tail", s1.batch_size, cfg.train.shuffle_buffer)
+    for head_batch, tail_batch in zip(stream, tail):
+        yield {**head_batch, **{f"tail_{k}": v for k, v in tail_batch.items()}}
+
+
 @torch.no_grad()
 def predict_shard(model: nn.Module, name: str, batch_size: int, device: torch.device,
                   features: bool = False) -> tuple[np.ndarray, ...]:
@@ -178,6 +197,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
     recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=counts, classes=classes, epochs=s1.epochs,
                           proj_dim=cfg.model.proj_dim)
     model = make_model(cfg, len(classes), recipe)
+    recipe.setup(model)
     extra = recipe.state_modules().to(device)
     model = model.to(device)
     if device.type == "cuda":
@@ -202,9 +222,8 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
             return
         _log(f"[stage1] resuming from epoch {start_epoch} (checkpoint {restored.path})")
 
-    has_extra_params = any(p.requires_grad for p in extra.parameters())
-    # Recipe parameters may sit out some steps (losses that switch on at an epoch): let DDP allow that.
-    ddp_kwargs = {"find_unused_parameters": True} if has_extra_params or recipe.find_unused_parameters else {}
+    # Recipes make every trainable parameter take part in each step; the ones that cannot say so.
+    ddp_kwargs = {"find_unused_parameters": recipe.find_unused_parameters}
     model = ray.train.torch.prepare_model(TrainModule(model, extra), move_to_device=False,
                                           parallel_strategy_kwargs=ddp_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,10 +237,11 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         model.train()
         recipe.start_epoch(epoch)
+        loop_config["epoch_clock"].set_epoch(epoch)  # before iterating: this epoch's draws and augmentations
         hist = np.zeros(len(classes), np.int64)
         loss_sum, n_seen = 0.0, 0
         logs_sum: dict[str, float] = {}
-        for batch in iter_shard("train", s1.batch_size, cfg.train.shuffle_buffer):
+        for batch in train_batches(cfg, recipe, epoch):
             batch = _to_device(batch, device)
             with _autocast(device):
                 loss, logs = recipe.loss(model, batch, epoch)

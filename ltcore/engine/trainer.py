@@ -8,6 +8,7 @@ re-running a run id continues it instead of starting over.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -16,8 +17,8 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from ltcore import storage
-from ltcore.config import Config, to_dict
-from ltcore.data.ingest import IngestSpec, build_dataset
+from ltcore.config import Config, ConfigError, to_dict
+from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
 from ltcore.data.manifest import Manifest
 from ltcore.engine.loops import stage1_loop, stage2_loop
 from ltcore.methods.recipes import build_stage1
@@ -33,6 +34,14 @@ def use_gpu(cfg: Config) -> bool:
 
 def scaling(cfg: Config) -> ray.train.ScalingConfig:
     gpu = use_gpu(cfg)
+    total = float(ray.cluster_resources().get("CPU", 0))
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.data_cpus
+    if need > total:
+        # Whole CPUs for every worker leave none for the Ray Data tasks that feed them: the job would hang.
+        raise ConfigError(
+            f"train.num_workers={cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker} "
+            f"+ train.data_cpus={cfg.train.data_cpus} needs {need:g} CPUs but the cluster has {total:g}; "
+            "lower train.cpus_per_worker (fractions are fine) or train.num_workers")
     resources = {"CPU": cfg.train.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
@@ -64,7 +73,7 @@ def eval_spec(manifest: Manifest, split: str, cfg: Config) -> IngestSpec:
                       shuffle=False)
 
 
-def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[str, Any]:
+def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: EpochClock) -> dict[str, Any]:
     s1 = cfg.stage1
     recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=manifest.class_counts("train"),
                           classes=list(manifest.classes), epochs=s1.epochs, proj_dim=cfg.model.proj_dim)
@@ -74,15 +83,23 @@ def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[
     train = IngestSpec(split="train", views=views, image_size=manifest.image_size, q=q, progressive=s1.progressive,
                        total_epochs=s1.epochs, seed=cfg.train.seed, shuffle=True,
                        epoch_size=_epoch_size(cfg, s1.batch_size))
-    return {
-        "train": build_dataset(manifest_uri, train),
-        "val": build_dataset(manifest_uri, eval_spec(manifest, "val", cfg)),
-        "test": build_dataset(manifest_uri, eval_spec(manifest, "test", cfg)),
+    out = {}
+    if recipe.needs_tail_stream:
+        # SPMix: tail images come from a class-balanced stream beside the instance stream.
+        tail = dataclasses.replace(train, q=0.0, progressive=False, seed=cfg.train.seed + 1)
+        out["tail"] = build_dataset(manifest_uri, tail, epoch_source=clock, num_cpus=cfg.train.data_cpus)
+    if s1.pk_classes > 0 and q is None:
+        train = dataclasses.replace(train, q=0.0)  # P x K batches are drawn from a class-balanced stream
+    return out | {
+        "train": build_dataset(manifest_uri, train, epoch_source=clock, num_cpus=cfg.train.data_cpus),
+        "val": build_dataset(manifest_uri, eval_spec(manifest, "val", cfg), num_cpus=cfg.train.data_cpus),
+        "test": build_dataset(manifest_uri, eval_spec(manifest, "test", cfg), num_cpus=cfg.train.data_cpus),
     }
 
 
 def stage2_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[str, Any]:
-    return {split: build_dataset(manifest_uri, eval_spec(manifest, split, cfg)) for split in ("train", "val", "test")}
+    return {split: build_dataset(manifest_uri, eval_spec(manifest, split, cfg), num_cpus=cfg.train.data_cpus)
+            for split in ("train", "val", "test")}
 
 
 def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
@@ -90,12 +107,15 @@ def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
 
 
 def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str) -> ray.train.Result:
+    clock = EpochClock()  # the workers set it each epoch; the ingest tasks read it (per-epoch re-draws)
+    loop_config = _loop_config(cfg, manifest)
+    loop_config["epoch_clock"] = clock
     trainer = TorchTrainer(
         stage1_loop,
-        train_loop_config=_loop_config(cfg, manifest),
+        train_loop_config=loop_config,
         scaling_config=scaling(cfg),
         run_config=run_config(cfg, run_uri, "stage1"),
-        datasets=stage1_datasets(cfg, manifest_uri, manifest),
+        datasets=stage1_datasets(cfg, manifest_uri, manifest, clock),
         torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
     )
     return trainer.fit()

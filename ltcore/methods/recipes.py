@@ -41,6 +41,9 @@ class Stage1Recipe:
     def __init__(self, criterion: nn.Module) -> None:
         self.criterion = criterion
 
+    def setup(self, model: nn.Module) -> None:
+        """Build state that depends on the model (second projectors, teachers); called before state_modules."""
+
     def state_modules(self) -> nn.ModuleDict:
         return nn.ModuleDict({"criterion": self.criterion})
 
@@ -129,6 +132,10 @@ def _la(*, loss_cfg: Any, class_counts: Sequence[int], **_: Any) -> Stage1Recipe
 
 def build_stage1(method: str, **kwargs: Any) -> Stage1Recipe:
     """Build the named recipe. kwargs: loss_cfg, class_counts, classes, epochs, feat_dim, proj_dim."""
+    from ltcore.methods import paper_recipes  # registers the five papers' recipes
+
     if method not in STAGE1:
         raise ValueError(f"stage1.method {method!r} is not a recipe; choose one of {', '.join(sorted(STAGE1))}")
-    return STAGE1[method](**kwargs)
+    recipe = STAGE1[method](**kwargs)
+    # Augmentations compose with any recipe (e.g. loss.spmix=true with jrcl).
+    return paper_recipes.with_augmentations(recipe, kwargs["loss_cfg"], seed=int(kwargs.get("seed", 0)))

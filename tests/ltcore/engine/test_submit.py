@@ -44,7 +44,7 @@ def ray_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     cmd = [_ray_bin(), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--disable-usage-stats"]
-    log = open(tmp_path / "head.log", "w")
+    log = open(tmp_path / "head.log", "w")  # noqa: SIM115 - the head process writes to it until teardown
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120

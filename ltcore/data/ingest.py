@@ -1,0 +1,498 @@
+"""Ingest: a dataset version's split as a per-epoch rebalanced, shuffled, augmented stream.
+
+Two front ends over the same sampling (:mod:`ltcore.data.sampling`) and transforms (:mod:`ltcore.data.transforms`):
+
+- :func:`build_dataset` -> ``ray.data.Dataset`` for Ray Train (``TorchTrainer(datasets={"train": ...})``).
+- :func:`iter_epoch_local` -> torch batches in one process without Ray (tests, evaluation, notebooks).
+
+Per epoch, the Ray pipeline is::
+
+    read_parquet(shards)                    id, image (encoded bytes), label
+    -> randomize_block_order                block order changes every execution (shuffle=True)
+    -> map_batches(resample)                each row repeated r_i times, r_i drawn per (seed, epoch, row id);
+                                            rows permuted inside the block (shuffle=True)
+    -> repartition(rows per block)          small blocks, so decoding spreads over all CPUs
+    -> map_batches(decode + augment)        image (3, S, S) float32 [, image2], label int64
+
+and the consumer adds a local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``). There is
+no global all-to-all shuffle and no per-class branch: one pass over the rows per epoch.
+
+**Epochs are explicit.** Ray Data re-executes the pipeline each time a Train worker iterates its shard again,
+but it tells a UDF which execution it is in only through a private attribute, which also counts other
+executions and restarts at 0 when Train restarts the worker group after a failure (so a resumed run would redo
+epoch 0's draws). Instead, a random pipeline reads its epoch from an :class:`EpochClock`, a tiny Ray actor the
+Train workers set at the start of each epoch. Every worker calls ``clock.set_epoch(epoch)`` before it starts
+iterating; the streaming split starts an execution only when all workers have asked for the next epoch, and
+ends one only after every task of it has finished, so all tasks of one execution see the same epoch. A fixed
+``int`` works too, for a pipeline built for one epoch. The draws and augmentations of a row are a function of
+``(seed, epoch, row id, copy index)`` alone, so the same seed gives the same epochs, whatever the number of
+workers, the block layout, or the order rows arrive in, and the local iterator gives the same epoch as Ray.
+
+How an engine uses it::
+
+    clock = EpochClock()                                      # driver
+    train = build_dataset(manifest_uri, IngestSpec(split="train", views=("weak",), image_size=224, q=0.0,
+                                                   seed=0), epoch_source=clock, num_cpus=0.5)
+    trainer = TorchTrainer(train_func, train_loop_config={"epoch_clock": clock, ...},
+                           datasets={"train": train, "val": build_dataset(manifest_uri, eval_spec)},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
+
+    def train_func(config):                                   # every worker
+        clock = config["epoch_clock"]
+        for epoch in range(start_epoch, epochs):
+            clock.set_epoch(epoch)                            # before iterating, on every rank
+            hist = np.zeros(num_classes, np.int64)
+            for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
+                    batch_size=64, local_shuffle_buffer_size=256):
+                hist += epoch_histogram(batch["label"], num_classes)
+                ...
+            # all-reduce hist over ranks for the epoch's class histogram
+
+Ray Data tasks need CPUs besides the Train workers: on a 2-CPU machine give the workers 0.5 CPU each and the
+data tasks ``num_cpus=0.5`` (with whole CPUs for two workers no data task can ever be scheduled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ltcore import storage
+from ltcore.data import sampling
+from ltcore.data.transforms import KINDS, build_transform, decode_image
+
+READ_COLUMNS = ["id", "image", "label"]
+_Batch = dict[str, np.ndarray]
+# Keys of the per-row random streams derived from (seed, epoch): 0 repeat draws, 1 P x K batches (sampling.py),
+# 2 shuffle order, 10 + v the augmentation of view v.
+_KEY_PERMUTE = 2
+_KEY_VIEW = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec and manifest access
+
+
+@dataclass(frozen=True)
+class IngestSpec:
+    """What one split's stream looks like. Resources and batch sizes are arguments of the builders, not here."""
+
+    split: str
+    views: tuple[str, ...] = ("weak",)  # one transform kind per output image: ("weak", "strong") is two-view
+    image_size: int = 224  # output side S of every view
+    q: float | None = None  # p_j ~ n_j^q; None = no class rebalancing
+    progressive: bool = False  # instance -> class-balanced over total_epochs (Kang et al.); q is then ignored
+    total_epochs: int = 1  # T of the progressive schedule
+    seed: int = 0
+    shuffle: bool = True  # block order + in-block permutation (Ray) or a full permutation (local)
+    epoch_size: int | None = None  # expected rows per epoch; None = the split's size N
+
+    def __post_init__(self) -> None:
+        if not self.split:
+            raise ValueError("IngestSpec.split is empty; name a split of the dataset version (train, val, test)")
+        if not 1 <= len(self.views) <= 2 or any(v not in KINDS for v in self.views):
+            raise ValueError(f"IngestSpec.views {self.views!r}: give one or two of {', '.join(KINDS)}")
+        if self.image_size < 8:
+            raise ValueError(f"IngestSpec.image_size must be >= 8, got {self.image_size}")
+        if self.total_epochs < 1:
+            raise ValueError(f"IngestSpec.total_epochs must be >= 1, got {self.total_epochs}")
+        if self.epoch_size is not None and self.epoch_size < 1:
+            raise ValueError(f"IngestSpec.epoch_size must be >= 1 or None, got {self.epoch_size}")
+        if self.seed < 0:
+            raise ValueError(f"IngestSpec.seed must be >= 0, got {self.seed}")
+        if self.q is not None and not np.isfinite(self.q):
+            raise ValueError(f"IngestSpec.q must be a finite number or None, got {self.q}")
+
+    @property
+    def resamples(self) -> bool:
+        """Whether rows are repeated/dropped per epoch (rebalancing or a configured epoch size)."""
+        return self.q is not None or self.progressive or self.epoch_size is not None
+
+    @property
+    def needs_epoch(self) -> bool:
+        """Whether the stream's content depends on the epoch (resampling or random augmentation)."""
+        return self.resamples or any(v != "test" for v in self.views)
+
+    def probabilities(self, counts: Sequence[int], epoch: int) -> np.ndarray:
+        """Class probabilities ``(C,)`` for ``epoch`` (instance-balanced when only ``epoch_size`` is set)."""
+        if self.progressive:
+            return sampling.progressive_probabilities(counts, min(epoch, self.total_epochs), self.total_epochs)
+        return sampling.class_probabilities(counts, 1.0 if self.q is None else self.q)
+
+
+@dataclass(frozen=True)
+class _Version:
+    classes: tuple[str, ...]
+    counts: tuple[int, ...]
+    shards: tuple[str, ...]
+
+
+def _version(manifest: Any, split: str) -> _Version:
+    """Classes, counts and shard URIs of ``split`` from a manifest URI, a Manifest, or a manifest dict."""
+    if isinstance(manifest, str):
+        try:
+            from ltcore.data.manifest import Manifest
+        except ImportError:  # pragma: no cover - manifest.py ships with the package
+            uri = manifest if manifest.endswith(".json") else storage.join(manifest, "manifest.json")
+            manifest = storage.read_json(uri)
+        else:
+            manifest = Manifest.load(manifest)
+    if isinstance(manifest, Mapping):
+        classes = tuple(manifest["classes"])
+        counts_all, shards_all = manifest["counts"], manifest["shards"]
+    else:
+        classes = tuple(manifest.classes)
+        counts_all, shards_all = manifest.counts, manifest.shards
+    if split not in shards_all or split not in counts_all:
+        raise ValueError(f"dataset version has no split {split!r}; splits: {', '.join(sorted(shards_all))}")
+    counts = tuple(int(counts_all[split].get(c, 0)) for c in classes)
+    shards = tuple(shards_all[split])
+    if not shards or sum(counts) == 0:
+        raise ValueError(f"split {split!r} of the dataset version is empty; prepare it with more data")
+    return _Version(classes, counts, shards)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# epochs
+
+
+class EpochClock:
+    """The current training epoch, set by the Train workers and read by the ingest tasks (a Ray actor).
+
+    Pickles to its actor handle, so it can go into ``train_loop_config`` and Ray Data UDFs. The actor is owned by
+    the process that creates the clock (the driver) and lives as long as it does.
+    """
+
+    def __init__(self, epoch: int | None = None) -> None:
+        import ray
+
+        self._actor = ray.remote(num_cpus=0)(_ClockState).remote(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set before iterating the epoch's shard; every rank may call it (same value)."""
+        import ray
+
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+        ray.get(self._actor.set.remote(int(epoch)))
+
+    def get_epoch(self) -> int:
+        import ray
+
+        epoch = ray.get(self._actor.get.remote())
+        if epoch is None:
+            raise RuntimeError("EpochClock was never set: call clock.set_epoch(epoch) in every Train worker "
+                               "before iterating the dataset shard of that epoch")
+        return int(epoch)
+
+
+class _ClockState:
+    def __init__(self, epoch: int | None) -> None:
+        self.epoch = epoch
+
+    def set(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def get(self) -> int | None:
+        return self.epoch
+
+
+EpochSource = int | EpochClock
+
+
+def resolve_epoch(source: EpochSource | None) -> int:
+    """The epoch an ingest task works on: a fixed int, or the clock's current value."""
+    if source is None:
+        raise RuntimeError("this pipeline is random but has no epoch source")  # guarded in build_dataset
+    if isinstance(source, EpochClock):
+        return source.get_epoch()
+    return int(source)
+
+
+def epoch_histogram(labels: torch.Tensor | np.ndarray | Sequence[int], num_classes: int) -> list[int]:
+    """Class histogram ``(C,)`` of the labels seen, e.g. summed over an epoch's batches and then over ranks."""
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = y.astype(np.int64).ravel()
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{y.min()}, {y.max()}]")
+    return np.bincount(y, minlength=num_classes).astype(np.int64).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the row-level work shared by the Ray UDFs and the local iterator
+
+
+def _repeats(ids: Sequence[str], labels: np.ndarray, counts: Sequence[int], spec: IngestSpec, epoch: int) -> np.ndarray:
+    """Repeat count of each row for ``epoch``: ``(n,)`` int64 (all ones without resampling)."""
+    if not spec.resamples:
+        return np.ones(len(labels), np.int64)
+    probs = spec.probabilities(counts, epoch)
+    return sampling.draw_repeats(labels, counts, probs, spec.seed, epoch, row_keys=sampling.id_keys(ids),
+                                 epoch_size=spec.epoch_size)
+
+
+def _expand(n: int, repeats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, copy index) of every output row: ``np.repeat(arange(n), r)`` and 0..r_i-1 within each row."""
+    idx = np.repeat(np.arange(n), repeats)
+    starts = np.cumsum(repeats) - repeats  # (n,) first output position of each row
+    copy = np.arange(idx.size) - np.repeat(starts, repeats)
+    return idx, copy
+
+
+def _shuffle_order(ids: Sequence[str], copies: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """A random order of output rows: sort by a per-row key hashed from (seed, epoch, row id, copy index).
+
+    Any subset of rows (a Ray block) is ordered consistently with the whole split (the local iterator), and the
+    order does not depend on how rows were grouped.
+    """
+    return np.argsort(_row_uniforms(ids, copies, seed, epoch, _KEY_PERMUTE), kind="stable")
+
+
+def _row_uniforms(ids: Sequence[str], copies: np.ndarray, seed: int, epoch: int, key: int) -> np.ndarray:
+    keys = sampling.id_keys(ids) ^ (np.asarray(copies).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    return sampling.row_uniforms(keys, seed, epoch, key)
+
+
+def _view_seeds(ids: Sequence[str], copies: np.ndarray, seed: int, epoch: int, view: int) -> np.ndarray:
+    """One torch seed per output row and view: a hash of (seed, epoch, view, row id, copy index)."""
+    return (_row_uniforms(ids, copies, seed, epoch, _KEY_VIEW + view) * 2**62).astype(np.int64)
+
+
+class _Augmenter:
+    """Decode + transform rows into ``{"image", ["image2"], "label"}`` numpy arrays."""
+
+    def __init__(self, spec: IngestSpec) -> None:
+        self.spec = spec
+        self.transforms = [build_transform(v, spec.image_size) for v in spec.views]
+        self.random = [v != "test" for v in spec.views]
+
+    def __call__(self, images: Sequence[bytes], labels: np.ndarray, ids: Sequence[str], copies: np.ndarray,
+                 epoch: int | None) -> dict[str, np.ndarray]:
+        n, s = len(images), self.spec.image_size
+        outs = [np.empty((n, 3, s, s), np.float32) for _ in self.transforms]
+        seeds = [
+            _view_seeds(ids, copies, self.spec.seed, epoch, v) if rnd and epoch is not None else None
+            for v, rnd in enumerate(self.random)
+        ]
+        # Seeding torch's global generator per row makes each row's augmentation independent of batching; fork_rng
+        # leaves the caller's generator as it was.
+        with torch.random.fork_rng(devices=[]):
+            for i, data in enumerate(images):
+                img = decode_image(data)
+                for v, t in enumerate(self.transforms):
+                    if seeds[v] is not None:
+                        # the CPU generator only: torch.manual_seed also seeds CUDA, ~80 us per call
+                        torch.default_generator.manual_seed(int(seeds[v][i]))
+                    outs[v][i] = t(img).numpy()
+        batch = {"image": outs[0], "label": np.asarray(labels, np.int64)}
+        if len(outs) > 1:
+            batch["image2"] = outs[1]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def _resample_block(block: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...],
+                    epoch_source: EpochSource | None) -> pa.Table:
+    """Ray UDF: repeat each row r_i times for this epoch (copy index in ``rep``), permuted within the block."""
+    epoch = resolve_epoch(epoch_source)
+    ids = block.column("id").to_pylist()
+    labels = block.column("label").to_numpy()
+    reps = _repeats(ids, labels, counts, spec, epoch)
+    idx, copy = _expand(len(ids), reps)
+    if spec.shuffle and idx.size:
+        order = _shuffle_order([ids[i] for i in idx], copy, spec.seed, epoch)
+        idx, copy = idx[order], copy[order]
+    out = block.take(pa.array(idx, pa.int64()))
+    return out.append_column("rep", pa.array(copy.astype(np.int32), pa.int32()))
+
+
+def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSource | None) -> dict[str, np.ndarray]:
+    """Ray UDF: decode + augment a batch of rows."""
+    epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
+    n = batch.num_rows
+    copies = batch.column("rep").to_numpy() if "rep" in batch.column_names else np.zeros(n, np.int32)
+    return _Augmenter(spec)(batch.column("image").to_pylist(), batch.column("label").to_numpy(),
+                            batch.column("id").to_pylist(), copies, epoch)
+
+
+def build_dataset(
+    manifest: Any,
+    spec: IngestSpec,
+    *,
+    epoch_source: EpochSource | None = None,
+    num_cpus: float = 1.0,
+    decode_batch_size: int = 32,
+    s3: storage.S3Options | None = None,
+) -> Any:
+    """The split as a ``ray.data.Dataset`` of rows ``image`` float32 ``(3, S, S)`` [, ``image2``], ``label`` int64.
+
+    Args:
+        manifest: a dataset version: manifest URI, :class:`~ltcore.data.manifest.Manifest`, or its dict.
+        spec: views, sampling and shuffling (:class:`IngestSpec`).
+        epoch_source: where tasks learn the epoch: an :class:`EpochClock` (Ray Train: workers set it each
+            epoch) or a fixed ``int``. Required when the stream is random (resampling or non-test views).
+        num_cpus: CPUs per read / resample / decode task. Fractions let data tasks run beside Train workers.
+        decode_batch_size: rows per decode task's batch (also the block size decoding is spread over).
+        s3: S3 endpoint/credentials for ``s3://`` shards; default: the process-wide ones.
+
+    Returns:
+        A lazy ``ray.data.Dataset``; each execution (each epoch a Train worker iterates its shard) re-draws.
+
+    Raises:
+        ValueError: the split does not exist or is empty; a random stream without an epoch source.
+    """
+    import ray.data
+
+    if spec.needs_epoch and epoch_source is None:
+        raise ValueError(f"split {spec.split!r} with views {spec.views} and q={spec.q} changes every epoch: pass "
+                         "epoch_source=EpochClock() (set by the Train workers each epoch) or a fixed int epoch")
+    if not isinstance(epoch_source, EpochClock | int | None) or isinstance(epoch_source, bool):
+        raise ValueError(f"epoch_source must be an EpochClock, an int or None, got {type(epoch_source).__name__}")
+    version = _version(manifest, spec.split)
+    fs, _ = storage.arrow_fs(version.shards[0], s3)
+    paths = [storage.arrow_fs(u, s3)[1] for u in version.shards]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS, num_cpus=num_cpus)
+    if spec.shuffle:
+        # A new block order every execution, reproducible from the seed and the execution count (public API).
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=spec.seed, reseed_after_execution=True))
+    if spec.resamples:
+        ds = ds.map_batches(_resample_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                            fn_kwargs={"spec": spec, "counts": version.counts, "epoch_source": epoch_source})
+    # Read blocks hold whole shard files; cut them so decoding (the expensive step) runs on every CPU.
+    ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
+                          fn_kwargs={"spec": spec, "epoch_source": epoch_source}, udf_modifying_row_count=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# single process
+
+
+def _read_split(version: _Version, columns: list[str], s3: storage.S3Options | None) -> Iterator[pa.Table]:
+    for uri in version.shards:
+        fs, path = storage.arrow_fs(uri, s3)
+        try:
+            yield pq.read_table(path, filesystem=fs, columns=columns)
+        except FileNotFoundError:
+            raise storage.StorageError(f"shard {uri!r} of split {version!r} does not exist; the dataset version "
+                                       "is incomplete, prepare it again") from None
+
+
+def planned_draws(manifest: Any, spec: IngestSpec, epoch: int, *,
+                  s3: storage.S3Options | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``(ids (n,), labels (n,), repeats (n,))`` of the whole split for ``epoch``, from the id and label columns.
+
+    What :func:`build_dataset` and :func:`iter_epoch_local` will emit in that epoch (as a multiset), computed
+    without touching the images; ``np.bincount(labels, weights=repeats)`` is the epoch's class histogram.
+    """
+    version = _version(manifest, spec.split)
+    ids: list[str] = []
+    labels = []
+    for t in _read_split(version, ["id", "label"], s3):
+        ids.extend(t.column("id").to_pylist())
+        labels.append(t.column("label").to_numpy())
+    y = np.concatenate(labels).astype(np.int64)
+    return ids, y, _repeats(ids, y, version.counts, spec, epoch)
+
+
+def iter_epoch_local(
+    manifest: Any,
+    spec: IngestSpec,
+    epoch: int,
+    batch_size: int,
+    *,
+    histogram: np.ndarray | None = None,
+    drop_last: bool = False,
+    s3: storage.S3Options | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of the split in this process (no Ray): the same draws and augmentations as :func:`build_dataset`.
+
+    Args:
+        manifest: manifest URI, Manifest or manifest dict.
+        spec: the stream (:class:`IngestSpec`).
+        epoch: the epoch to draw.
+        batch_size: rows per yielded batch.
+        histogram: optional ``(C,)`` int64 array; each yielded batch's labels are added to it, so after the loop
+            it holds the epoch's class histogram.
+        drop_last: drop a last batch smaller than ``batch_size``.
+        s3: S3 endpoint/credentials for ``s3://`` shards.
+
+    Yields:
+        ``{"image": (B, 3, S, S) float32, ["image2": (B, 3, S, S)], "label": (B,) int64}`` torch tensors.
+        With ``shuffle`` the whole split is loaded and permuted (memory = the split's encoded size); without it,
+        shards are streamed in order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    version = _version(manifest, spec.split)
+    if histogram is not None and histogram.shape != (len(version.classes),):
+        raise ValueError(f"histogram must have shape ({len(version.classes)},), got {histogram.shape}")
+    augment = _Augmenter(spec)
+    aug_epoch = int(epoch) if spec.needs_epoch else None
+
+    def rows() -> Iterator[tuple[pa.Table, np.ndarray, np.ndarray]]:
+        tables = _read_split(version, READ_COLUMNS, s3)
+        if spec.shuffle:
+            tables = iter([pa.concat_tables(list(tables))])
+        for t in tables:
+            ids = t.column("id").to_pylist()
+            reps = _repeats(ids, t.column("label").to_numpy(), version.counts, spec, int(epoch))
+            idx, copy = _expand(len(ids), reps)
+            if spec.shuffle:
+                order = _shuffle_order([ids[i] for i in idx], copy, spec.seed, int(epoch))
+                idx, copy = idx[order], copy[order]
+            yield t, idx, copy
+
+    pending: list[_Batch] = []
+    n_pending = 0
+    for t, idx, copy in rows():
+        for start in range(0, idx.size, batch_size):
+            take = pa.array(idx[start : start + batch_size], pa.int64())
+            part = t.take(take)
+            out = augment(part.column("image").to_pylist(), part.column("label").to_numpy(),
+                          part.column("id").to_pylist(), copy[start : start + batch_size], aug_epoch)
+            pending.append(out)
+            n_pending += part.num_rows
+            while n_pending >= batch_size:
+                batch, pending, n_pending = _cut(pending, batch_size)
+                yield _emit(batch, histogram)
+    if n_pending and not drop_last:
+        batch, pending, n_pending = _cut(pending, n_pending)
+        yield _emit(batch, histogram)
+
+
+def _cut(parts: list[_Batch], size: int) -> tuple[_Batch, list[_Batch], int]:
+    """First ``size`` rows of the concatenated parts, and the rest."""
+    whole = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    head = {k: v[:size] for k, v in whole.items()}
+    rest = {k: v[size:] for k, v in whole.items()}
+    n_rest = len(rest["label"])
+    return head, ([rest] if n_rest else []), n_rest
+
+
+def _emit(batch: dict[str, np.ndarray], histogram: np.ndarray | None) -> dict[str, torch.Tensor]:
+    if histogram is not None:
+        histogram += np.bincount(batch["label"], minlength=histogram.size)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+__all__ = [
+    "EpochClock",
+    "IngestSpec",
+    "build_dataset",
+    "epoch_histogram",
+    "iter_epoch_local",
+    "planned_draws",
+    "resolve_epoch",
+]

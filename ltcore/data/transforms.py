@@ -1,0 +1,133 @@
+"""Image decoding and the weak / strong / test transforms (torchvision.transforms.v2).
+
+Every transform takes a uint8 image tensor ``(3, H, W)`` (or a PIL image) and returns a float32 tensor
+``(3, S, S)`` normalised with ``mean`` / ``std``. Geometric and colour steps run on uint8 (cheaper), the float
+conversion and normalisation come last, then any erasing.
+
+- ``weak``: random resized crop (scale 0.6-1) and horizontal + vertical flips (dermoscopy and X-ray crops have
+  no canonical left/right; LMD's teacher view is "resize, flips").
+- ``strong``: LMD's student augmentation (Pan et al., arXiv 2502.03238: flips, blur, shift-scale-rotate,
+  distortions, colour shift, brightness/contrast, grid dropout). **Interpretation**: the public code uses
+  albumentations; these are the torchvision equivalents, with albumentations' default magnitudes for
+  shift-scale-rotate (shift 0.0625, scale 0.1, rotate 45 degrees), a perspective warp for the distortions,
+  hue/saturation jitter for the colour shift, and our choice of probabilities.
+- ``test``: resize the shorter side to ``S`` and centre-crop ``S x S``.
+
+Randomness comes from torch's global generator (torchvision v2 has no generator argument); callers that need
+reproducible augmentation seed it around the call (:func:`seeded`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.io import ImageReadMode
+from torchvision.io import decode_image as _tv_decode_image
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TransformKind = Literal["weak", "strong", "test"]
+KINDS: tuple[str, ...] = ("weak", "strong", "test")
+
+
+def decode_image(data: bytes | bytearray | memoryview) -> torch.Tensor:
+    """Decode encoded JPEG/PNG bytes to a uint8 RGB tensor ``(3, H, W)`` (grey and RGBA become RGB).
+
+    Raises:
+        ValueError: the bytes are empty or not a decodable image.
+    """
+    if len(data) == 0:
+        raise ValueError("image bytes are empty; the dataset version has a row without an encoded image")
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work and are the
+            # fastest decoder installed here (libjpeg-turbo), so the per-call warning is noise.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _tv_decode_image(buf, mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"cannot decode image ({len(data)} bytes): {e}") from None
+
+
+class GridDropout(nn.Module):
+    """Zero a regular grid of square holes (albumentations' GridDropout), with probability ``p``.
+
+    The grid unit is drawn from ``unit_range`` pixels, the hole side is ``ratio * unit``, and the grid is shifted
+    by a random offset. Applied after normalisation, so holes take the dataset mean colour.
+    """
+
+    def __init__(self, *, ratio: float = 0.3, unit_range: tuple[int, int] = (16, 48), p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+        if not 2 <= unit_range[0] <= unit_range[1]:
+            raise ValueError(f"unit_range must be (lo, hi) with 2 <= lo <= hi, got {unit_range}")
+        self.ratio, self.unit_range, self.p = ratio, unit_range, p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if torch.rand(()) >= self.p:
+            return img
+        h, w = img.shape[-2:]
+        unit = int(torch.randint(self.unit_range[0], self.unit_range[1] + 1, ()))
+        hole = max(1, int(unit * self.ratio))
+        oy, ox = (int(v) for v in torch.randint(0, unit, (2,)))
+        rows = ((torch.arange(h) + oy) % unit) < hole  # (H,)
+        cols = ((torch.arange(w) + ox) % unit) < hole  # (W,)
+        return img.masked_fill(rows[:, None] & cols[None, :], 0.0)
+
+
+def build_transform(
+    kind: str,
+    image_size: int,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``kind`` transform: uint8 ``(3, H, W)`` tensor or PIL image -> float32 ``(3, image_size, image_size)``.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``image_size < 8``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"transform kind {kind!r} is not valid; choose one of {', '.join(KINDS)}")
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    s = image_size
+    head: list[nn.Module] = [v2.ToImage()]
+    tail: list[nn.Module] = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if kind == "test":
+        body: list[nn.Module] = [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
+    elif kind == "weak":
+        body = [v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+    else:
+        body = [
+            v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            # shift-scale-rotate, albumentations' default magnitudes
+            v2.RandomApply([v2.RandomAffine(degrees=45, translate=(0.0625, 0.0625), scale=(0.9, 1.1))], p=0.5),
+            # optical / grid distortions; a perspective warp, since ElasticTransform costs ~35 ms per 224 px image
+            v2.RandomPerspective(distortion_scale=0.2, p=0.3),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
+            # colour shift + brightness / contrast
+            v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)], p=0.8),
+        ]
+        unit = (max(2, s // 14), max(2, s // 5))  # 16-44 px at 224, scaled with the image
+        tail = [*tail, GridDropout(ratio=0.3, unit_range=unit, p=0.5)]
+    return v2.Compose([*head, *body, *tail, v2.ToPureTensor()])
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the enclosed transforms with torch's CPU generator seeded to ``seed``; restore it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

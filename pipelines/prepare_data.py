@@ -1,0 +1,54 @@
+"""Prepare a dataset version: raw images + labels -> validated, resized, split Parquet shards + manifest.
+
+    python pipelines/prepare_data.py --config pipelines/configs/ham10000.yaml [key=value ...]
+
+Overrides are full keys (``data.image_size=128``, ``storage.s3_endpoint_url=...``) or, for the ``data``
+section, bare keys (``image_size=128``). Paths in configs and overrides are resolved relative to the current
+directory. Joins the Ray cluster in ``RAY_ADDRESS`` or starts a local Ray, and only when there is work to do.
+The last line printed is ``dataset: <manifest URI>``. Bad config or input: ``error: <message>``, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ltcore import storage
+from ltcore.config import Config, ConfigError, DataConfig, load_config
+from ltcore.data.prepare import prepare_dataset
+
+_DATA_KEYS = {f.name for f in dataclasses.fields(DataConfig)}
+_TOP_KEYS = {f.name for f in dataclasses.fields(Config)}
+
+
+def qualify(overrides: list[str]) -> list[str]:
+    """Prefix ``data.`` to overrides whose first key is a data field and not a top-level section."""
+    out = []
+    for item in overrides:
+        first = item.split("=", 1)[0].strip().split(".", 1)[0]
+        out.append(f"data.{item.strip()}" if first in _DATA_KEYS and first not in _TOP_KEYS else item)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML config (path or URI); default: the embedded digits")
+    parser.add_argument("--quiet", action="store_true", help="print only the result line")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. image_size=128 or data.on_bad=skip")
+    args = parser.parse_args(argv)
+    try:
+        cfg: Config = load_config(args.config, qualify(args.overrides))
+        st = cfg.storage
+        storage.set_default_s3(storage.S3Options(endpoint_url=st.s3_endpoint_url, access_key=st.s3_access_key,
+                                                 secret_key=st.s3_secret_key, region=st.s3_region))
+        uri, _ = prepare_dataset(cfg.data, progress=not args.quiet)
+    except (ConfigError, storage.StorageError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"dataset: {uri}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from ltcore.data.ingest import (
+    EpochClock,
+    IngestSpec,
+    build_dataset,
+    epoch_histogram,
+    iter_epoch_local,
+    planned_draws,
+)
+
+# the fake_version fixture (conftest.py): classes common/middle/rare, train counts 12/5/2 (N = 19), val 3/2/1
+TRAIN_COUNTS = [12, 5, 2]
+
+
+def _local_epoch(uri, spec, epoch, batch_size=4):
+    hist = np.zeros(3, np.int64)
+    batches = list(iter_epoch_local(uri, spec, epoch, batch_size, histogram=hist))
+    return batches, hist
+
+
+def _planned_hist(uri, spec, epoch):
+    _, y, r = planned_draws(uri, spec, epoch)
+    return np.bincount(y, weights=r, minlength=3).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# spec, helpers
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="views"):
+        IngestSpec(split="train", views=("weak", "strong", "test"))
+    with pytest.raises(ValueError, match="views"):
+        IngestSpec(split="train", views=("medium",))
+    with pytest.raises(ValueError, match="epoch_size"):
+        IngestSpec(split="train", epoch_size=0)
+    spec = IngestSpec(split="val", views=("test",), shuffle=False)
+    assert not spec.resamples and not spec.needs_epoch
+    assert IngestSpec(split="train", q=0.0).needs_epoch
+    assert IngestSpec(split="train", views=("test",), epoch_size=10).resamples
+
+
+def test_epoch_histogram():
+    assert epoch_histogram(torch.tensor([0, 2, 2, 1, 2]), 4) == [1, 1, 3, 0]
+    assert epoch_histogram(np.array([], np.int64), 2) == [0, 0]
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        epoch_histogram([0, 2], 2)
+
+
+def test_unknown_split_and_missing_epoch_source(fake_version):
+    with pytest.raises(ValueError, match="no split 'holdout'"):
+        list(iter_epoch_local(fake_version, IngestSpec(split="holdout", views=("test",)), 0, 4))
+    with pytest.raises(ValueError, match="epoch_source"):
+        build_dataset(fake_version, IngestSpec(split="train", q=0.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local iterator (no Ray)
+
+
+def test_local_plain_epoch_is_each_row_once(fake_version):
+    spec = IngestSpec(split="train", views=("test",), image_size=16, shuffle=False)
+    batches, hist = _local_epoch(fake_version, spec, 0, batch_size=5)
+    assert [b["label"].shape[0] for b in batches] == [5, 5, 5, 4]  # 19 rows
+    assert hist.tolist() == TRAIN_COUNTS
+    b = batches[0]
+    assert b["image"].shape == (5, 3, 16, 16) and b["image"].dtype == torch.float32
+    assert b["label"].dtype == torch.int64 and "image2" not in b
+    again, _ = _local_epoch(fake_version, spec, 3, batch_size=5)  # test views, no sampling: epoch is irrelevant
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(batches, again))
+
+
+def test_local_class_balanced_draws(fake_version):
+    # q = 0: p = 1/3 each, N = 19 -> each class drawn 19/3 = 6.33 times per epoch in expectation;
+    # the rare class: 2 rows x r = 3.17 -> 6 or 7 (or 8) draws
+    spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=1)
+    total = np.zeros(3)
+    hists = []
+    for epoch in range(40):
+        _, hist = _local_epoch(fake_version, spec, epoch)
+        assert np.array_equal(hist, _planned_hist(fake_version, spec, epoch))
+        hists.append(tuple(hist))
+        total += hist
+    assert len(set(hists)) > 1  # epochs differ
+    np.testing.assert_allclose(total / 40, [19 / 3] * 3, rtol=0.1)
+
+
+def test_local_same_seed_same_epoch(fake_version):
+    spec = IngestSpec(split="train", views=("weak", "strong"), image_size=16, q=0.5, seed=2)
+    a, ha = _local_epoch(fake_version, spec, 1)
+    b, hb = _local_epoch(fake_version, spec, 1)
+    assert np.array_equal(ha, hb)
+    for x, y in zip(a, b):
+        assert torch.equal(x["image"], y["image"]) and torch.equal(x["image2"], y["image2"])
+        assert torch.equal(x["label"], y["label"])
+    assert a[0]["image2"].shape == a[0]["image"].shape
+    assert not torch.equal(a[0]["image"], a[0]["image2"])  # two different views
+    c, _ = _local_epoch(fake_version, spec, 2)
+    assert not torch.equal(torch.cat([x["image"] for x in a])[:4], torch.cat([x["image"] for x in c])[:4])
+    other_seed, _ = _local_epoch(fake_version, IngestSpec(split="train", views=("weak", "strong"), image_size=16,
+                                                           q=0.5, seed=3), 1)
+    assert not torch.equal(a[0]["image"], other_seed[0]["image"])
+
+
+def test_local_instance_sampling_identity_and_epoch_size(fake_version):
+    # q = 1 resamples with r_i = 1 exactly: the same rows as no resampling, in a new order each epoch
+    plain = IngestSpec(split="train", views=("test",), image_size=16, q=None, seed=0)
+    q1 = IngestSpec(split="train", views=("test",), image_size=16, q=1.0, seed=0)
+    _, h_plain = _local_epoch(fake_version, plain, 0)
+    _, h_q1 = _local_epoch(fake_version, q1, 0)
+    assert h_plain.tolist() == h_q1.tolist() == TRAIN_COUNTS
+    # epoch_size 38 = 2 N with q = 1: every row exactly twice (r = 2)
+    doubled = IngestSpec(split="train", views=("test",), image_size=16, q=1.0, epoch_size=38)
+    _, h2 = _local_epoch(fake_version, doubled, 0)
+    assert h2.tolist() == [24, 10, 4]
+
+
+def test_local_progressive_moves_to_balanced(fake_version):
+    spec = IngestSpec(split="train", views=("test",), image_size=16, progressive=True, total_epochs=4, seed=0)
+    # epoch 0 is instance-balanced: r = 1 for every row, so the histogram is exactly the counts
+    assert _local_epoch(fake_version, spec, 0)[1].tolist() == TRAIN_COUNTS
+    # epoch t: expected rare-class draws (1 - t/4) * 2 + (t/4) * 19/3; at t = 3: .25 * 2 + .75 * 6.33 = 5.25
+    rare = [_planned_hist(fake_version, IngestSpec(split="train", views=("test",), progressive=True,
+                                                   total_epochs=4, seed=s), 3)[2] for s in range(40)]
+    assert np.mean(rare) == pytest.approx(5.25, abs=0.5)
+
+
+def test_local_accepts_manifest_dict_and_object(fake_version):
+    from ltcore.data.manifest import Manifest
+
+    spec = IngestSpec(split="val", views=("test",), image_size=16, shuffle=False)
+    with open(fake_version) as f:
+        as_dict = json.load(f)
+    ref, _ = _local_epoch(fake_version, spec, 0)
+    for m in (as_dict, Manifest.load(fake_version)):
+        got, hist = _local_epoch(m, spec, 0)
+        assert hist.tolist() == [3, 2, 1]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(ref, got))
+
+
+@pytest.mark.s3
+def test_local_reads_from_s3(s3_bucket, fake_version, s3_server):
+    import s3fs
+
+    from ltcore import storage
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint_url"], key="testing", secret="testing")
+    with open(fake_version) as f:
+        m = json.load(f)
+    for split, uris in m["shards"].items():
+        remote = []
+        for i, uri in enumerate(uris):
+            dst = f"{s3_bucket}/v/{split}/part-{i:05d}.parquet"
+            fs.put(uri, dst.split("://", 1)[1])
+            remote.append(dst)
+        m["shards"][split] = remote
+    storage.write_json(f"{s3_bucket}/v/manifest.json", m)
+    spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=4)
+    remote_batches, remote_hist = _local_epoch(f"{s3_bucket}/v/manifest.json", spec, 2)
+    local_batches, local_hist = _local_epoch(fake_version, spec, 2)
+    assert np.array_equal(remote_hist, local_hist)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(remote_batches, local_batches))
+
+
+def test_ingest_module_is_importable_without_starting_ray():
+    code = "import ltcore.data.ingest, sys; print('ray.data' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # Ray Data is imported when a dataset is built, not at import
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def _row_fingerprints(batches):
+    images = torch.cat([torch.as_tensor(b["image"]) for b in batches])
+    labels = torch.cat([torch.as_tensor(b["label"]) for b in batches])
+    keys = sorted(zip(labels.tolist(), images.sum(dim=(1, 2, 3)).tolist()))
+    return [k[0] for k in keys], np.array([k[1] for k in keys])
+
+
+@pytest.mark.ray
+def test_ray_dataset_matches_local_and_redraws_per_epoch(ray_session, fake_version):
+    spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=5)
+    clock = EpochClock()
+    ds = build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5, decode_batch_size=4)
+    hists = []
+    for epoch in (0, 1):
+        clock.set_epoch(epoch)
+        batches = list(ds.iter_torch_batches(batch_size=8, local_shuffle_buffer_size=8))
+        b = batches[0]
+        assert b["image"].shape[1:] == (3, 16, 16) and b["image"].dtype == torch.float32
+        assert b["label"].dtype == torch.int64
+        hist = np.sum([epoch_histogram(x["label"], 3) for x in batches], axis=0)
+        assert np.array_equal(hist, _planned_hist(fake_version, spec, epoch))
+        # the very same rows and augmentations as the local iterator of that epoch
+        local, _ = _local_epoch(fake_version, spec, epoch)
+        ray_labels, ray_sums = _row_fingerprints(batches)
+        local_labels, local_sums = _row_fingerprints(local)
+        assert ray_labels == local_labels
+        np.testing.assert_allclose(ray_sums, local_sums, rtol=0, atol=1e-3)
+        hists.append(hist.tolist())
+    assert hists[0] != hists[1]
+
+
+@pytest.mark.ray
+def test_ray_clock_must_be_set(ray_session, fake_version):
+    spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=5)
+    ds = build_dataset(fake_version, spec, epoch_source=EpochClock(), num_cpus=0.5)
+    with pytest.raises(Exception, match="set_epoch"):
+        ds.take_all()
+
+
+@pytest.mark.ray
+def test_ray_train_v2_two_workers(ray_session, fake_version, tmp_path):
+    import ray.train
+    import torch.distributed as tdist
+    from ray.train.torch import TorchTrainer
+
+    spec = IngestSpec(split="train", views=("weak", "strong"), image_size=16, q=0.0, seed=9)
+    clock = EpochClock()
+
+    def train_func(config):
+        clock = config["clock"]
+        hists = []
+        for epoch in range(2):
+            clock.set_epoch(epoch)
+            hist = torch.zeros(3, dtype=torch.int64)
+            shard = ray.train.get_dataset_shard("train")
+            for batch in shard.iter_torch_batches(batch_size=4, local_shuffle_buffer_size=8):
+                assert batch["image2"].shape == batch["image"].shape
+                hist += torch.tensor(epoch_histogram(batch["label"], 3))
+            per_rank = hist.clone()
+            tdist.all_reduce(hist)  # the epoch's histogram over both workers
+            hists.append({"total": hist.tolist(), "rank0": per_rank.tolist()})
+            # Train V2 keeps the metrics reported with a checkpoint; rank 0 attaches one, as an engine loop does
+            with tempfile.TemporaryDirectory() as d:
+                ckpt = None
+                if ray.train.get_context().get_world_rank() == 0:
+                    ckpt = ray.train.Checkpoint.from_directory(d)
+                ray.train.report({"epoch": epoch, "hists": hists}, checkpoint=ckpt)
+
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"clock": clock},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+        run_config=ray.train.RunConfig(name="ingest_test", storage_path=str(tmp_path)),
+        datasets={"train": build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5,
+                                         decode_batch_size=4)},
+    )
+    result = trainer.fit()
+    hists = result.metrics["hists"]
+    assert len(hists) == 2
+    for epoch, h in enumerate(hists):
+        planned = _planned_hist(fake_version, spec, epoch)
+        total = np.array(h["total"])
+        # streaming_split(equal=True) gives both workers the same number of rows: at most 1 row is dropped
+        assert planned.sum() - 1 <= total.sum() <= planned.sum()
+        assert np.all(total <= planned) and np.abs(total - planned).sum() <= 1
+        assert 0 < sum(h["rank0"]) < total.sum()  # both workers got rows
+        # class-balanced: expected 19/3 = 6.3 per class; the rare class has 2 rows with r = 3.17 each
+        assert total.min() >= 4
+    assert hists[0]["total"] != hists[1]["total"]  # re-drawn per epoch (seed 9 plans [5, 7, 7] then [7, 7, 6])
