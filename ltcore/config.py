@@ -65,6 +65,7 @@ class ModelConfig:
     backbone: str = "small_cnn"  # any timm name, or small_cnn
     pretrained: str = "none"  # none | package | path/URI of a state dict
     head: Literal["linear", "cosine"] = "linear"
+    cosine_scale: float = 16.0  # logit scale of the cosine head (LDAM wants 1: its own s scales the cosines)
     proj_dim: int = 128  # projection MLP output for contrastive methods
 
 
@@ -321,22 +322,44 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], cls: type = Confi
     return raw
 
 
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    """A config file as a raw dict; ``base: other.yaml`` (relative to this file) is loaded first and overlaid."""
+    import posixpath
+
+    from ltcore import storage
+
+    if path in seen:
+        raise ConfigError(f"config file {path!r} includes itself through 'base'")
+    try:
+        text = storage.read_text(path)
+    except storage.StorageError as e:
+        raise ConfigError(f"config file: {e}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    base = raw.pop("base", None)
+    if base:
+        if not isinstance(base, str):
+            raise ConfigError(f"config file {path!r}: 'base' must be a file name")
+        if "://" not in base and not posixpath.isabs(base):
+            base = posixpath.join(posixpath.dirname(path), base)
+        raw = _merge(_read_yaml(base, (*seen, path)), raw)
+    return raw
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = Config) -> Any:
     """Load a YAML config (path or URI), apply overrides, validate; returns a frozen ``cls``."""
-    raw: dict[str, Any] = {}
-    if path:
-        from ltcore import storage
-
-        try:
-            text = storage.read_text(path)
-        except storage.StorageError as e:
-            raise ConfigError(f"config file: {e}") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path!r} must hold a mapping at the top level")
+    raw = _read_yaml(path, ()) if path else {}
     raw = apply_overrides(raw, overrides or [], cls)
     return from_dict(raw, cls)
 

@@ -21,7 +21,7 @@ def model_from_checkpoint(uri: str) -> tuple[LTModel, dict[str, Any]]:
     state, meta = ckpt.load_uri(uri)
     model = build_model(num_classes=len(meta["classes"]), backbone=meta["backbone"], pretrained="none",
                         head=meta["head"], proj_dim=int(meta.get("proj_dim") or 0),
-                        aux_binary=bool(meta.get("aux_binary")))
+                        aux_binary=bool(meta.get("aux_binary")), cosine_scale=float(meta.get("cosine_scale", 16.0)))
     model.load_state_dict(state["model"])
     return model.eval(), meta
 

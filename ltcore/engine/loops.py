@@ -42,6 +42,7 @@ def model_meta(cfg: Config, classes: list[str], model: LTModel, stage: str) -> d
         "backbone": cfg.model.backbone,
         "classes": list(classes),
         "head": cfg.model.head,
+        "cosine_scale": cfg.model.cosine_scale,
         "feat_dim": model.feat_dim,
         "proj_dim": (model.projector is not None and cfg.model.proj_dim) or 0,
         "aux_binary": model.aux_head is not None,
@@ -55,7 +56,7 @@ def make_model(cfg: Config, num_classes: int, recipe: Stage1Recipe | None, pretr
     aux = bool(recipe is not None and recipe.needs_aux_binary)
     return build_model(num_classes=num_classes, backbone=cfg.model.backbone,
                        pretrained=cfg.model.pretrained if pretrained else "none",
-                       head=cfg.model.head, proj_dim=proj, aux_binary=aux)
+                       head=cfg.model.head, proj_dim=proj, aux_binary=aux, cosine_scale=cfg.model.cosine_scale)
 
 
 class TrainModule(nn.Module):

@@ -76,7 +76,7 @@ def _train_head(
             loss.backward()
             opt.step()
             sched.step()
-            running += float(loss) * len(b)
+            running += float(loss.detach()) * len(b)
         losses.append(running / max(1, len(idx)))
     return losses
 

@@ -69,3 +69,13 @@ def test_replace_with_dotted_keys_and_to_dict():
     assert d["stage1"]["epochs"] == 2 and isinstance(d["stage2"]["tau_grid"], list)
     assert from_dict(d) == cfg
     assert apply_overrides({}, ["model.backbone=resnet18"]) == {"model": {"backbone": "resnet18"}}
+
+
+def test_base_file_is_overlaid(tmp_path):
+    (tmp_path / "base.yaml").write_text("stage1:\n  epochs: 7\n  lr: 0.5\nmodel:\n  backbone: resnet18\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nstage1:\n  lr: 0.1\n")
+    cfg = load_config(str(tmp_path / "child.yaml"))
+    assert (cfg.stage1.epochs, cfg.stage1.lr, cfg.model.backbone) == (7, 0.1, "resnet18")
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config(str(tmp_path / "loop.yaml"))
