@@ -134,7 +134,8 @@ class Stage2Config:
     la_tau: float = 1.0
     icc_rounds: int = 3
     icc_virtual_per_class: int = 500
-    icc_lr: float = 0.001
+    icc_lr: float = 0.001  # backbone learning rate of the E-step
+    icc_m_lr: float = 0.1  # classifier learning rate of the M-step (a fresh classifier per round, one pass)
     icc_gce_q: float = 0.7
     icc_fdc_weight: float = 1e-4
 

@@ -7,10 +7,11 @@ Two front ends over the same sampling (:mod:`ltcore.data.sampling`) and transfor
 
 Per epoch, the Ray pipeline is::
 
-    read_parquet(shards)                    id, image (encoded bytes), label
-    -> randomize_block_order                block order changes every execution (shuffle=True)
-    -> map_batches(resample)                each row repeated r_i times, r_i drawn per (seed, epoch, row id);
-                                            rows permuted inside the block (shuffle=True)
+    from_items(shard URIs)
+    -> randomize_block_order                shard order changes every execution (shuffle=True)
+    -> map_batches(read + resample)         one task per Parquet shard: id, image (encoded bytes), label; each
+                                            row repeated r_i times, r_i drawn per (seed, epoch, row id); rows
+                                            permuted inside the shard (shuffle=True)
     -> repartition(rows per block)          small blocks, so decoding spreads over all CPUs
     -> map_batches(decode + augment)        image (3, S, S) float32 [, image2], label int64
 
@@ -300,14 +301,25 @@ class _Augmenter:
 # Ray Data
 
 
-def _resample_block(block: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...],
-                    epoch_source: EpochSource | None) -> pa.Table:
-    """Ray UDF: repeat each row r_i times for this epoch (copy index in ``rep``), permuted within the block."""
-    epoch = resolve_epoch(epoch_source)
+def _read_shards(batch: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...], epoch_source: EpochSource | None,
+                 s3: storage.S3Options) -> pa.Table:
+    """Ray UDF: read the shard(s) named in ``batch["uri"]`` and, when resampling, repeat each row r_i times.
+
+    Output columns ``id``, ``image``, ``label`` and ``rep`` (copy index 0..r_i-1); with ``shuffle`` the rows come in
+    a random order, the same order the local iterator gives them.
+    """
+    tables = []
+    for uri in batch.column("uri").to_pylist():
+        fs, path = storage.arrow_fs(uri, s3)
+        tables.append(pq.read_table(path, filesystem=fs, columns=READ_COLUMNS))
+    block = pa.concat_tables(tables)
+    n = block.num_rows
+    if not spec.resamples and not spec.shuffle:
+        return block.append_column("rep", pa.array(np.zeros(n, np.int32), pa.int32()))
+    epoch = resolve_epoch(epoch_source) if spec.needs_epoch else 0
     ids = block.column("id").to_pylist()
-    labels = block.column("label").to_numpy()
-    reps = _repeats(ids, labels, counts, spec, epoch)
-    idx, copy = _expand(len(ids), reps)
+    reps = _repeats(ids, block.column("label").to_numpy(), counts, spec, epoch)
+    idx, copy = _expand(n, reps)
     if spec.shuffle and idx.size:
         order = _shuffle_order([ids[i] for i in idx], copy, spec.seed, epoch)
         idx, copy = idx[order], copy[order]
@@ -318,10 +330,8 @@ def _resample_block(block: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...
 def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSource | None) -> dict[str, np.ndarray]:
     """Ray UDF: decode + augment a batch of rows."""
     epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
-    n = batch.num_rows
-    copies = batch.column("rep").to_numpy() if "rep" in batch.column_names else np.zeros(n, np.int32)
     return _Augmenter(spec)(batch.column("image").to_pylist(), batch.column("label").to_numpy(),
-                            batch.column("id").to_pylist(), copies, epoch)
+                            batch.column("id").to_pylist(), batch.column("rep").to_numpy(), epoch)
 
 
 def build_dataset(
@@ -358,16 +368,17 @@ def build_dataset(
     if not isinstance(epoch_source, EpochClock | int | None) or isinstance(epoch_source, bool):
         raise ValueError(f"epoch_source must be an EpochClock, an int or None, got {type(epoch_source).__name__}")
     version = _version(manifest, spec.split)
-    fs, _ = storage.arrow_fs(version.shards[0], s3)
-    paths = [storage.arrow_fs(u, s3)[1] for u in version.shards]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=READ_COLUMNS, num_cpus=num_cpus)
+    # One block per shard URI, read by our own task: read_parquet would list the files again in every epoch (a
+    # task of ~1 s here) and pack small shards into one read task.
+    ds = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
     if spec.shuffle:
-        # A new block order every execution, reproducible from the seed and the execution count (public API).
+        # A new shard order every execution, reproducible from the seed and the execution count (public API).
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=spec.seed, reseed_after_execution=True))
-    if spec.resamples:
-        ds = ds.map_batches(_resample_block, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
-                            fn_kwargs={"spec": spec, "counts": version.counts, "epoch_source": epoch_source})
-    # Read blocks hold whole shard files; cut them so decoding (the expensive step) runs on every CPU.
+    # S3 settings resolved here, so that tasks use the driver's endpoint whatever their environment holds.
+    read_kwargs = {"spec": spec, "counts": version.counts, "epoch_source": epoch_source,
+                   "s3": (s3 or storage.S3Options()).resolved()}
+    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=read_kwargs)
+    # A shard is one block of up to thousands of rows: cut it so decoding (the expensive step) runs on every CPU.
     ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source}, udf_modifying_row_count=False)

@@ -122,12 +122,27 @@ def train_batches(cfg: Config, recipe: Stage1Recipe, epoch: int) -> Iterator[dic
         batcher = PKBatcher(s1.pk_classes, max(1, s1.batch_size // s1.pk_classes), seed=cfg.train.seed)
         batcher.set_epoch(epoch)
         stream = batcher(stream)
-    if not recipe.needs_tail_stream:
-        yield from stream
-        return
-    tail = iter_shard("tail", s1.batch_size, cfg.train.shuffle_buffer)
-    for head_batch, tail_batch in zip(stream, tail):
-        yield {**head_batch, **{f"tail_{k}": v for k, v in tail_batch.items()}}
+    if recipe.needs_tail_stream:
+        tail = iter_shard("tail", s1.batch_size, cfg.train.shuffle_buffer)
+        stream = ({**h, **{f"tail_{k}": v for k, v in t.items()}} for h, t in zip(stream, tail))
+    yield from lockstep(stream)
+
+
+def lockstep(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches while every rank still has one: DDP and the recipes' gathers need equal step counts.
+
+    Streams can differ by a batch across ranks (P x K batching, a zipped tail stream); one tiny all-reduce per
+    step keeps the ranks in step, and what a rank has left is drained (not trained on) so that the epoch's
+    Ray Data execution completes.
+    """
+    it = iter(batches)
+    while True:
+        batch = next(it, None)
+        if dist.all_reduce_sum(np.array([0.0 if batch is None else 1.0]))[0] < dist.world_size():
+            break
+        yield batch  # type: ignore[misc]
+    for _ in it:
+        pass
 
 
 @torch.no_grad()
@@ -183,6 +198,14 @@ def _lr_lambda(warmup: int, total: int) -> Any:
     return f
 
 
+def _fault_injection(spec: str | None) -> tuple[int, str] | None:
+    """For recovery tests: ``"<epoch>:<marker path>"`` makes rank 0 fail once, after that epoch's training."""
+    if not spec or not dist.is_main():
+        return None
+    epoch, _, marker = spec.partition(":")
+    return int(epoch), marker
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # stage 1
 
@@ -194,6 +217,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
     counts: list[int] = loop_config["train_counts"]
     s1 = cfg.stage1
     torch.manual_seed(cfg.train.seed)
+    fault = _fault_injection(loop_config.get("inject_failure"))
     device = ray.train.torch.get_device()
     recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=counts, classes=classes, epochs=s1.epochs,
                           proj_dim=cfg.model.proj_dim)
@@ -257,6 +281,9 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v * bs
         scheduler.step()
+        if fault is not None and fault[0] == epoch and not os.path.exists(fault[1]):
+            open(fault[1], "w").close()  # fail once: the restarted worker group finds the marker
+            raise RuntimeError(f"injected worker failure in epoch {epoch}")
         train_time = time.perf_counter() - t0
         # One all-reduce for everything summed over ranks: histogram, loss, counts, time.
         tot = dist.all_reduce_sum(np.concatenate([hist, [loss_sum, n_seen], [logs_sum[k] for k in sorted(logs_sum)]]))
@@ -312,6 +339,9 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
     counts: list[int] = loop_config["train_counts"]
     s2 = cfg.stage2
     device = ray.train.torch.get_device()
+    if s2.method == "icc":
+        icc_loop(loop_config)
+        return
 
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -364,3 +394,104 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
             np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=yva, test_probs=tp, test_labels=yte)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 2, LMD's iterative classifier calibration
+
+
+def _load_stage1_model(cfg: Config, classes: list[str], counts: list[int], stage1: ray.train.Checkpoint) -> LTModel:
+    with stage1.as_directory() as d:
+        state, meta = ckpt.load_dir(d)
+    recipe = build_stage1(cfg.stage1.method, loss_cfg=cfg.stage1.loss, class_counts=counts, classes=classes,
+                          epochs=cfg.stage1.epochs, proj_dim=cfg.model.proj_dim)
+    model = make_model(cfg, len(classes), recipe, pretrained=False)
+    ckpt.check_compatible(meta, model_meta(cfg, classes, model, "stage1"), what="stage-1 checkpoint")
+    model.load_state_dict(state["model"])
+    return model
+
+
+def icc_loop(loop_config: dict[str, Any]) -> None:
+    """LMD stage 2 (Pan et al., arXiv 2502.03238): ``stage2.icc_rounds`` rounds, each a reported step.
+
+    A round: features of the training split (test transforms, gathered) -> class Gaussians (+ EMA statistics)
+    -> M-step: a fresh linear classifier on virtual features -> E-step: the classifier frozen, the backbone
+    fine-tuned for one pass over augmented real images with GCE + FDC (``ltcore.methods.icc``).
+    """
+    from ltcore.losses import ClassGaussians, ema_alpha
+    from ltcore.methods.icc import e_step_loss, fit_class_gaussians, m_step
+
+    cfg: Config = from_dict(loop_config["cfg"])
+    classes: list[str] = loop_config["classes"]
+    counts: list[int] = loop_config["train_counts"]
+    s2 = cfg.stage2
+    device = ray.train.torch.get_device()
+    model = _load_stage1_model(cfg, classes, counts, loop_config["stage1_checkpoint"]).to(device)
+    c, d = len(classes), model.feat_dim
+    ema = ClassGaussians(torch.zeros(c, d), torch.eye(d).repeat(c, 1, 1))
+    start = 0
+    restored = ray.train.get_checkpoint()
+    backbone_opt_state = None
+    if restored is not None:
+        with restored.as_directory() as cdir:
+            state, _ = ckpt.load_dir(cdir)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["extra"]["ema"])
+        backbone_opt_state = state["optimizer"]
+        start = state["epoch"] + 1
+        _log(f"[stage2/icc] resuming at round {start + 1}")
+    backbone = ray.train.torch.prepare_model(model.backbone, move_to_device=False)
+    opt = torch.optim.SGD(backbone.parameters(), lr=s2.icc_lr, momentum=0.9, weight_decay=5e-4)
+    if backbone_opt_state is not None:
+        opt.load_state_dict(backbone_opt_state)
+
+    for rnd in range(start, s2.icc_rounds):
+        t0 = time.perf_counter()
+        # 1-2. class Gaussians of the real training features, smoothed into the EMA statistics FDC uses
+        _, ytr, ftr = predict_shard(model, "train", cfg.train.eval_batch_size, device, features=True)
+        gauss = fit_class_gaussians(torch.as_tensor(ftr), torch.as_tensor(ytr), c)
+        ema.ema_update_(gauss.means, gauss.covs, decay=ema_alpha(rnd))
+        # 3. M-step: every rank trains the same classifier (same gathered data, same seed)
+        gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + rnd)
+        head = m_step(gauss, s2.icc_virtual_per_class, d, c, lr=s2.icc_m_lr, generator=gen).to(device)
+        head.requires_grad_(False)
+        model.head = head
+        # 4. E-step: one pass over augmented real images, classifier frozen
+        loop_config["epoch_clock"].set_epoch(rnd)
+        backbone.train()
+        means, covs = ema.means.to(device), ema.covs.to(device)
+        loss_sum, seen = 0.0, 0
+        for batch in lockstep(iter_shard("train_aug", s2.batch_size, cfg.train.shuffle_buffer)):
+            batch = _to_device(batch, device)
+            with _autocast(device):
+                feats = backbone(batch["image"])
+                logits = head(feats)
+            loss, _ = e_step_loss(feats.float(), logits.float(), batch["label"], means, covs, gce_q=s2.icc_gce_q,
+                                  fdc_weight=s2.icc_fdc_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(batch["label"])
+            seen += len(batch["label"])
+        tot = dist.all_reduce_sum(np.array([loss_sum, seen], np.float64))
+        metrics: dict[str, Any] = {"round": rnd, "e_step_loss": float(tot[0] / max(1, tot[1])),
+                                   "round_s": time.perf_counter() - t0}
+        final = rnd == s2.icc_rounds - 1
+        vp, vy = predict_shard(model, "val", cfg.train.eval_batch_size, device)
+        if dist.is_main():
+            m = _metrics(cfg, vp, vy, classes, counts)
+            metrics.update({f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
+            _log(f"[stage2/icc] round {rnd + 1}/{s2.icc_rounds} e-step loss {metrics['e_step_loss']:.4f} "
+                 f"val acc {m['accuracy']:.4f} bal-acc {m['balanced_accuracy']:.4f} ({metrics['round_s']:.1f} s)")
+        with tempfile.TemporaryDirectory() as tmp:
+            if final:
+                tp, ty = predict_shard(model, "test", cfg.train.eval_batch_size, device)
+            checkpoint = None
+            if dist.is_main():
+                ckpt.save_dir(tmp, {"model": model.state_dict(), "extra": {"ema": ema.state_dict()},
+                                    "optimizer": opt.state_dict(), "epoch": rnd},
+                              model_meta(cfg, classes, model, "stage2"))
+                if final:
+                    np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=vy, test_probs=tp, test_labels=ty)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -25,7 +25,7 @@ from ltcore.methods.recipes import STAGE1
 from ltcore.methods.stage2 import FEATURE_CALIBRATORS
 from ltcore.models import create_backbone
 
-STAGE2_METHODS = ("none", *FEATURE_CALIBRATORS)
+STAGE2_METHODS = ("none", *FEATURE_CALIBRATORS, "icc")
 PRED_FILE = "predictions.npz"
 
 

@@ -97,19 +97,28 @@ def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: E
     }
 
 
-def stage2_datasets(cfg: Config, manifest_uri: str, manifest: Manifest) -> dict[str, Any]:
-    return {split: build_dataset(manifest_uri, eval_spec(manifest, split, cfg), num_cpus=cfg.train.data_cpus)
-            for split in ("train", "val", "test")}
+def stage2_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: EpochClock) -> dict[str, Any]:
+    out = {split: build_dataset(manifest_uri, eval_spec(manifest, split, cfg), num_cpus=cfg.train.data_cpus)
+           for split in ("train", "val", "test")}
+    if cfg.stage2.method == "icc":
+        # ICC's E-step fine-tunes the backbone on augmented real images, one pass per round.
+        aug = IngestSpec(split="train", views=("weak",), image_size=manifest.image_size, q=None, seed=cfg.train.seed,
+                         shuffle=True, epoch_size=_epoch_size(cfg, cfg.stage2.batch_size))
+        out["train_aug"] = build_dataset(manifest_uri, aug, epoch_source=clock, num_cpus=cfg.train.data_cpus)
+    return out
 
 
 def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     return {"cfg": to_dict(cfg), "classes": list(manifest.classes), "train_counts": manifest.class_counts("train")}
 
 
-def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str) -> ray.train.Result:
+def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str, *,
+               inject_failure: str | None = None) -> ray.train.Result:
+    """Stage 1 as a Ray Train run. ``inject_failure="<epoch>:<marker>"`` (tests) fails rank 0 once."""
     clock = EpochClock()  # the workers set it each epoch; the ingest tasks read it (per-epoch re-draws)
     loop_config = _loop_config(cfg, manifest)
     loop_config["epoch_clock"] = clock
+    loop_config["inject_failure"] = inject_failure
     trainer = TorchTrainer(
         stage1_loop,
         train_loop_config=loop_config,
@@ -123,14 +132,16 @@ def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str)
 
 def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
                stage1_checkpoint: ray.train.Checkpoint) -> ray.train.Result:
+    clock = EpochClock()
     loop_config = _loop_config(cfg, manifest)
     loop_config["stage1_checkpoint"] = stage1_checkpoint
+    loop_config["epoch_clock"] = clock
     trainer = TorchTrainer(
         stage2_loop,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
         run_config=run_config(cfg, run_uri, "stage2"),
-        datasets=stage2_datasets(cfg, manifest_uri, manifest),
+        datasets=stage2_datasets(cfg, manifest_uri, manifest, clock),
         torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
     )
     return trainer.fit()
