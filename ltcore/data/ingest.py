@@ -268,15 +268,16 @@ def _view_seeds(ids: Sequence[str], copies: np.ndarray, seed: int, epoch: int, v
 class _Augmenter:
     """Decode + transform rows into ``{"image", ["image2"], "label"}`` numpy arrays."""
 
-    def __init__(self, spec: IngestSpec) -> None:
+    def __init__(self, spec: IngestSpec, *, normalize: bool = True) -> None:
         self.spec = spec
-        self.transforms = [build_transform(v, spec.image_size) for v in spec.views]
+        self.dtype = np.float32 if normalize else np.uint8
+        self.transforms = [build_transform(v, spec.image_size, normalize=normalize) for v in spec.views]
         self.random = [v != "test" for v in spec.views]
 
     def __call__(self, images: Sequence[bytes], labels: np.ndarray, ids: Sequence[str], copies: np.ndarray,
                  epoch: int | None) -> dict[str, np.ndarray]:
         n, s = len(images), self.spec.image_size
-        outs = [np.empty((n, 3, s, s), np.float32) for _ in self.transforms]
+        outs = [np.empty((n, 3, s, s), self.dtype) for _ in self.transforms]
         seeds = [
             _view_seeds(ids, copies, self.spec.seed, epoch, v) if rnd and epoch is not None else None
             for v, rnd in enumerate(self.random)
@@ -327,10 +328,11 @@ def _read_shards(batch: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...], 
     return out.append_column("rep", pa.array(copy.astype(np.int32), pa.int32()))
 
 
-def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSource | None) -> dict[str, np.ndarray]:
+def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSource | None,
+                  normalize: bool = True) -> dict[str, np.ndarray]:
     """Ray UDF: decode + augment a batch of rows."""
     epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
-    return _Augmenter(spec)(batch.column("image").to_pylist(), batch.column("label").to_numpy(),
+    return _Augmenter(spec, normalize=normalize)(batch.column("image").to_pylist(), batch.column("label").to_numpy(),
                             batch.column("id").to_pylist(), batch.column("rep").to_numpy(), epoch)
 
 
@@ -342,6 +344,7 @@ def build_dataset(
     num_cpus: float = 1.0,
     decode_batch_size: int = 32,
     s3: storage.S3Options | None = None,
+    normalize: bool = True,
 ) -> Any:
     """The split as a ``ray.data.Dataset`` of rows ``image`` float32 ``(3, S, S)`` [, ``image2``], ``label`` int64.
 
@@ -381,7 +384,8 @@ def build_dataset(
     # A shard is one block of up to thousands of rows: cut it so decoding (the expensive step) runs on every CPU.
     ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
-                          fn_kwargs={"spec": spec, "epoch_source": epoch_source}, udf_modifying_row_count=False)
+                          fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
+                          udf_modifying_row_count=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------

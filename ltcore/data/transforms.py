@@ -1,8 +1,9 @@
 """Image decoding and the weak / strong / test transforms (torchvision.transforms.v2).
 
 Every transform takes a uint8 image tensor ``(3, H, W)`` (or a PIL image) and returns a float32 tensor
-``(3, S, S)`` normalised with ``mean`` / ``std``. Geometric and colour steps run on uint8 (cheaper), the float
-conversion and normalisation come last, then any erasing.
+``(3, S, S)`` normalised with ``mean`` / ``std``. All random steps run on uint8 (cheaper); the float conversion
+and normalisation come last and can be split off (``normalize=False`` + :func:`normalize_images`), which lets
+ingest move uint8 images (a quarter of the bytes) and normalise them where they are consumed.
 
 - ``weak``: random resized crop (scale 0.6-1) and horizontal + vertical flips (dermoscopy and X-ray crops have
   no canonical left/right; LMD's teacher view is "resize, flips").
@@ -29,6 +30,7 @@ from torch import nn
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as _tv_decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,19 +59,21 @@ def decode_image(data: bytes | bytearray | memoryview) -> torch.Tensor:
 
 
 class GridDropout(nn.Module):
-    """Zero a regular grid of square holes (albumentations' GridDropout), with probability ``p``.
+    """Fill a regular grid of square holes (albumentations' GridDropout) with ``fill``, with probability ``p``.
 
     The grid unit is drawn from ``unit_range`` pixels, the hole side is ``ratio * unit``, and the grid is shifted
-    by a random offset. Applied after normalisation, so holes take the dataset mean colour.
+    by a random offset. In :func:`build_transform` it runs on uint8 with the mean colour as fill, which
+    normalisation then maps to about 0 (so the holes carry no signal, as RandomErasing's zeros after Normalize).
     """
 
-    def __init__(self, *, ratio: float = 0.3, unit_range: tuple[int, int] = (16, 48), p: float = 0.5) -> None:
+    def __init__(self, *, ratio: float = 0.3, unit_range: tuple[int, int] = (16, 48), p: float = 0.5,
+                 fill: Sequence[float] = (0.0, 0.0, 0.0)) -> None:
         super().__init__()
         if not 0 < ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {ratio}")
         if not 2 <= unit_range[0] <= unit_range[1]:
             raise ValueError(f"unit_range must be (lo, hi) with 2 <= lo <= hi, got {unit_range}")
-        self.ratio, self.unit_range, self.p = ratio, unit_range, p
+        self.ratio, self.unit_range, self.p, self.fill = ratio, unit_range, p, tuple(fill)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if torch.rand(()) >= self.p:
@@ -80,7 +84,9 @@ class GridDropout(nn.Module):
         oy, ox = (int(v) for v in torch.randint(0, unit, (2,)))
         rows = ((torch.arange(h) + oy) % unit) < hole  # (H,)
         cols = ((torch.arange(w) + ox) % unit) < hole  # (W,)
-        return img.masked_fill(rows[:, None] & cols[None, :], 0.0)
+        mask = rows[:, None] & cols[None, :]  # (H, W)
+        fill = torch.tensor(self.fill, dtype=img.dtype).view(-1, 1, 1)  # (C, 1, 1)
+        return torch.where(mask, fill, img)
 
 
 def build_transform(
@@ -89,8 +95,13 @@ def build_transform(
     *,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    normalize: bool = True,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """The ``kind`` transform: uint8 ``(3, H, W)`` tensor or PIL image -> float32 ``(3, image_size, image_size)``.
+
+    With ``normalize=False`` it stops before the float conversion and returns uint8 ``(3, S, S)``;
+    :func:`normalize_images` then gives exactly the float32 result of the full transform (the same two ops), so
+    the uint8 part can run where images are cheap to move and the normalisation where they are consumed.
 
     Raises:
         ValueError: unknown ``kind`` or ``image_size < 8``.
@@ -100,15 +111,15 @@ def build_transform(
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     s = image_size
-    head: list[nn.Module] = [v2.ToImage()]
-    tail: list[nn.Module] = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    ops: list[nn.Module] = [v2.ToImage()]
     if kind == "test":
-        body: list[nn.Module] = [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
+        ops += [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
     elif kind == "weak":
-        body = [v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
+        ops += [v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     else:
-        body = [
+        unit = (max(2, s // 14), max(2, s // 5))  # 16-44 px at 224, scaled with the image
+        ops += [
             v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
@@ -119,10 +130,30 @@ def build_transform(
             v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
             # colour shift + brightness / contrast
             v2.RandomApply([v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)], p=0.8),
+            GridDropout(ratio=0.3, unit_range=unit, p=0.5, fill=[round(255 * m) for m in mean]),
         ]
-        unit = (max(2, s // 14), max(2, s // 5))  # 16-44 px at 224, scaled with the image
-        tail = [*tail, GridDropout(ratio=0.3, unit_range=unit, p=0.5)]
-    return v2.Compose([*head, *body, *tail, v2.ToPureTensor()])
+    ops.append(v2.ToPureTensor())
+    if normalize:
+        ops += [_Normalize(mean, std)]
+    return v2.Compose(ops)
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 images ``(..., 3, H, W)`` -> float32 ``(x / 255 - mean) / std``, the last step of every transform."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"normalize_images takes uint8 images, got {images.dtype}")
+    x = F.to_dtype(images, torch.float32, scale=True)
+    return F.normalize(x, list(mean), list(std))
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return normalize_images(img, self.mean, self.std)
 
 
 @contextmanager

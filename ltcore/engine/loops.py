@@ -229,6 +229,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     start_epoch, best = 0, -1.0
+    history: list[float] = []  # train loss per epoch, carried through checkpoints
     optimizer_state = scheduler_state = None
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -239,6 +240,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
         extra.load_state_dict(state["extra"])
         optimizer_state, scheduler_state = state["optimizer"], state["scheduler"]
         start_epoch, best = state["epoch"] + 1, state.get("best", -1.0)
+        history = list(state.get("history", []))
         if start_epoch >= s1.epochs:
             # A finished run started again by its id: hand back its final checkpoint, train nothing.
             _log(f"[stage1] already complete ({s1.epochs} epochs); re-reporting its final checkpoint")
@@ -295,6 +297,8 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
                                    "train_images": int(seen_all), "train_time_s": train_time,
                                    "throughput_img_s": float(seen_all / max(train_time, 1e-9)),
                                    "train_class_histogram": [int(x) for x in hist_all], **extra_logs}
+        history.append(metrics["train_loss"])
+        metrics["train_loss_history"] = list(history)
         if dist.is_main() and len(labels):
             m = _metrics(cfg, probs, labels, classes, counts)
             metrics.update({f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
@@ -310,7 +314,8 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
             if dist.is_main():
                 state = {"model": unwrap(model).state_dict(), "extra": extra.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "epoch": epoch, "best": best, "sampler": {"seed": cfg.train.seed, "epoch": epoch}}
+                         "epoch": epoch, "best": best, "history": history,
+                         "sampler": {"seed": cfg.train.seed, "epoch": epoch}}
                 ckpt.save_dir(tmp, state, model_meta(cfg, classes, unwrap(model), "stage1"))
             if final:
                 # Final predictions on val and test, gathered, saved beside the weights for the report.

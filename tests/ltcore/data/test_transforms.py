@@ -7,7 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, GridDropout, build_transform, decode_image, seeded
+from ltcore.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    GridDropout,
+    build_transform,
+    decode_image,
+    normalize_images,
+    seeded,
+)
 
 
 def _encode(arr: np.ndarray, fmt: str = "PNG") -> bytes:
@@ -133,3 +141,36 @@ def test_transforms_import_without_ray():
     code = "import sys; sys.modules['ray'] = None\nimport ltcore.data.transforms"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong", "test"])
+def test_uint8_part_plus_normalize_equals_full_transform(kind):
+    x = _noise()
+    part = build_transform(kind, 24, normalize=False)
+    with seeded(11):
+        full = build_transform(kind, 24)(x)
+    with seeded(11):
+        u8 = part(x)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 24, 24)
+    assert torch.equal(normalize_images(u8), full)
+    # batched: (B, 3, S, S) normalises per channel the same way
+    assert torch.equal(normalize_images(torch.stack([u8, u8]))[1], full)
+
+
+def test_normalize_images_values():
+    # 0 -> (0 - .485) / .229 = -2.117904; 255 -> (1 - .485) / .229 = 2.248908 (channel 0)
+    x = torch.tensor([0, 255], dtype=torch.uint8).view(1, 1, 2).expand(3, 1, 2)
+    out = normalize_images(x)
+    assert out[0, 0, 0].item() == pytest.approx(-2.117904, abs=1e-6)
+    assert out[0, 0, 1].item() == pytest.approx(2.248908, abs=1e-6)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_images(torch.zeros(3, 2, 2))
+
+
+def test_grid_dropout_fill_colour():
+    img = torch.full((3, 20, 20), 7, dtype=torch.uint8)
+    torch.manual_seed(0)
+    out = GridDropout(ratio=0.5, unit_range=(10, 10), p=1.0, fill=(124, 116, 104))(img)
+    holes = out[0] != 7
+    assert holes.float().mean().item() == pytest.approx(0.25)  # 5 x 5 holes in 10 x 10 cells
+    assert out[0][holes].unique().tolist() == [124] and out[2][holes].unique().tolist() == [104]
