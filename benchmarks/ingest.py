@@ -1,21 +1,27 @@
 """Ingest throughput on HAM10000: torch DataLoader vs ltcore ingest (Ray Data), plain and class-rebalanced.
 
-All three read the same dataset version (Parquet shards of encoded JPEGs, written by ``prepare_dataset``), decode
-the same bytes and apply the same transform (``build_transform(kind, 224)``) to float32 (3, 224, 224) batches:
+All readers use the same dataset version (Parquet shards of encoded JPEGs written by ``prepare_dataset``), decode
+the same bytes and apply the same transform (``build_transform(kind, 224)``), and hand the consumer float32
+``(B, 3, 224, 224)`` batches:
 
-- ``dataloader``: ``torch.utils.data.DataLoader`` over the rows read from the Parquet shards into memory,
-  ``num_workers`` worker processes (persistent), shuffled, batch ``--batch-size``.
-- ``ltcore``: ``build_dataset`` (no resampling) iterated with ``iter_torch_batches`` and a local shuffle buffer,
-  Ray started with ``--cpus`` CPUs.
+- ``dataloader``: ``torch.utils.data.DataLoader`` over the rows read from the shards into memory, ``--cpus``
+  persistent worker processes, shuffled.
+- ``ltcore``: ``build_dataset`` without resampling, ``iter_torch_batches`` with a local shuffle buffer, Ray with
+  ``--cpus`` CPUs.
 - ``ltcore_q0``: the same with class-balanced resampling (q = 0), re-drawn every epoch.
+- ``ltcore_u8``: ``ltcore`` moving uint8 rows (``normalize=False``) and normalising in the consumer's collate
+  threads (``collate_fn=normalize_batch``); same output.
 
-Each runs one warm-up epoch (worker start-up, imports) and then ``--epochs`` timed epochs; images/s is images
-delivered to the consumer divided by the time from the first request to the last batch. ``--rounds`` repeats
-the three in turn and the median round counts, which evens out load from other processes. Results go to
-``benchmarks/results/ingest.json`` and a markdown table is printed.
+Protocol: every reader is built once and runs one warm-up epoch (process start, imports); then ``--rounds``
+rounds each run one epoch of every reader, in a rotating order, so that load from other processes on a shared
+machine falls on all readers alike. Per epoch we record images delivered, wall time, and the CPU time of this
+process and all its descendants (Ray's raylet and workers, DataLoader workers): images/s is contended
+throughput; CPU ms per image is what the reader costs, whatever else runs. The medians over rounds are
+reported, with ratios of the medians. Results go to ``benchmarks/results/ingest.json``; a markdown table is
+printed.
 
-    python benchmarks/ingest.py                      # 2,000 images, 2 CPUs, weak transform
-    python benchmarks/ingest.py --images 500 --rounds 1 --epochs 1   # smoke
+    python benchmarks/ingest.py                                  # 2,000 images, 2 CPUs, weak transform
+    python benchmarks/ingest.py --images 500 --rounds 2          # smoke
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +45,14 @@ import pyarrow.parquet as pq
 import torch
 
 from ltcore import storage
-from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
+from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset, normalize_batch
 from ltcore.data.manifest import Manifest
 from ltcore.data.transforms import build_transform, decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ham10000"
+READERS = ("dataloader", "ltcore", "ltcore_q0", "ltcore_u8")
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -51,7 +60,7 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "ham10000"
 
 
 def prepare_version(data: Path, images: int, work: Path) -> str:
-    """A dataset version of ``images`` HAM10000 images, all in the train split, at their native 150 px shorter side."""
+    """A dataset version of ``images`` HAM10000 images, all in train, at their native 150 px shorter side."""
     from ltcore.config import DataConfig, SourceConfig, SplitConfig
     from ltcore.data.prepare import prepare_dataset
 
@@ -61,7 +70,7 @@ def prepare_version(data: Path, images: int, work: Path) -> str:
                             id_column="image_id", path_template="{id}.jpg", label_column="dx",
                             group_column="lesion_id"),
         output=str(work / "datasets"),
-        image_size=150,  # the files are 200 x 150: stored as they are; the transforms resize to 224
+        image_size=150,  # the files are 200 x 150: kept at that size; the transforms resize to 224
         split=SplitConfig(train=1.0, val=0.0, test=0.0),
         limit=images,
         rows_per_shard=500,
@@ -71,7 +80,7 @@ def prepare_version(data: Path, images: int, work: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the three readers
+# readers: each is a function epoch -> iterable of batches
 
 
 class ParquetRows(torch.utils.data.Dataset):
@@ -91,53 +100,92 @@ class ParquetRows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(decode_image(self.images[i])), int(self.labels[i])
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.transform(decode_image(self.images[i])), "label": int(self.labels[i])}
 
 
-def run_dataloader(manifest: Manifest, args: argparse.Namespace) -> list[dict[str, float]]:
-    ds = ParquetRows(manifest, args.kind, args.image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
+def make_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[[int], Iterable[dict[str, Any]]]]:
+    loader = torch.utils.data.DataLoader(ParquetRows(Manifest.load(uri), args.kind, args.image_size),
+                                         batch_size=args.batch_size, shuffle=True, num_workers=args.cpus,
                                          persistent_workers=True, generator=torch.Generator().manual_seed(0))
-    return [_time_epoch(iter(loader), lambda b: b[0].shape[0], e) for e in range(args.epochs + 1)]
+    readers: dict[str, Callable[[int], Iterable[dict[str, Any]]]] = {"dataloader": lambda epoch: loader}
+
+    def ltcore_reader(q: float | None, normalize: bool) -> Callable[[int], Iterable[dict[str, Any]]]:
+        clock = EpochClock()
+        spec = IngestSpec(split="train", views=(args.kind,), image_size=args.image_size, q=q, seed=0, shuffle=True)
+        ds = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=args.decode_batch_size,
+                           normalize=normalize)
+
+        def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
+            clock.set_epoch(epoch)
+            return ds.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=args.shuffle_buffer,
+                                         collate_fn=None if normalize else normalize_batch)
+
+        return epoch_batches
+
+    readers["ltcore"] = ltcore_reader(None, True)
+    readers["ltcore_q0"] = ltcore_reader(0.0, True)
+    readers["ltcore_u8"] = ltcore_reader(None, False)
+    return readers
 
 
-def run_ltcore(uri: str, args: argparse.Namespace, q: float | None) -> list[dict[str, float]]:
-    clock = EpochClock()
-    spec = IngestSpec(split="train", views=(args.kind,), image_size=args.image_size, q=q, seed=0, shuffle=True)
-    ds = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=args.decode_batch_size)
-    out = []
-    for epoch in range(args.epochs + 1):
-        clock.set_epoch(epoch)
-        batches = ds.iter_torch_batches(batch_size=args.batch_size, local_shuffle_buffer_size=args.shuffle_buffer)
-        out.append(_time_epoch(iter(batches), lambda b: b["image"].shape[0], epoch))
-    return out
+# ---------------------------------------------------------------------------------------------------------------
+# measurement
 
 
-def _time_epoch(it: Any, size: Any, epoch: int) -> dict[str, float]:
-    t0 = time.perf_counter()
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time (user + system) of ``root`` and all its live descendants, from /proc."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        pid = int(entry)
+        parent[pid] = int(fields[1])
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+    total, stack = 0.0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parent.items():
+        children.setdefault(ppid, []).append(pid)
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def time_epoch(batches: Iterable[dict[str, Any]], epoch: int) -> dict[str, float]:
+    me = os.getpid()
+    c0, t0 = tree_cpu_seconds(me), time.perf_counter()
     n = 0
-    for batch in it:
-        n += int(size(batch))
-    dt = time.perf_counter() - t0
-    return {"epoch": epoch, "images": n, "seconds": dt, "images_per_s": n / dt}
+    for batch in batches:
+        assert batch["image"].dtype == torch.float32
+        n += int(batch["image"].shape[0])
+    wall = time.perf_counter() - t0
+    cpu = tree_cpu_seconds(me) - c0
+    return {"epoch": epoch, "images": n, "seconds": wall, "images_per_s": n / wall, "cpu_s": cpu,
+            "cpu_ms_per_image": 1000 * cpu / n}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HAM10000 folder (metadata CSV + images/)")
     p.add_argument("--images", type=int, default=2000, help="images in the benchmark's dataset version")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--kind", choices=["weak", "strong", "test"], default="weak", help="transform of every reader")
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decode-batch-size", type=int, default=32, help="rows per Ray decode task batch")
+    p.add_argument("--decode-batch-size", type=int, default=64, help="rows per Ray decode task")
     p.add_argument("--shuffle-buffer", type=int, default=256, help="ltcore local shuffle buffer (rows)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs per reader (after one warm-up epoch)")
-    p.add_argument("--rounds", type=int, default=2, help="times the three readers run in turn; median counts")
+    p.add_argument("--rounds", type=int, default=5, help="timed epochs per reader, interleaved across readers")
     p.add_argument("--work-dir", type=Path, default=None, help="where the dataset version goes (default: temp)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = p.parse_args(argv)
@@ -148,56 +196,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    epochs: dict[str, list[dict[str, float]]] = {k: [] for k in READERS}
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.work_dir or Path(tmp)
-        uri = prepare_version(args.data, args.images, work)
+        uri = prepare_version(args.data, args.images, args.work_dir or Path(tmp))
         manifest = Manifest.load(uri)
         n = manifest.num_rows("train")
         counts = dict(zip(manifest.classes, manifest.class_counts("train")))
-        print(f"dataset version: {n} train images, classes {counts}")
-        rounds: dict[str, list[float]] = {"dataloader": [], "ltcore": [], "ltcore_q0": []}
-        epochs: dict[str, list[list[dict[str, float]]]] = {k: [] for k in rounds}
+        print(f"dataset version: {n} train images, classes {counts}", flush=True)
+        readers = make_readers(uri, args)
+        for name, reader in readers.items():  # warm-up: epoch 0, not counted
+            warm = time_epoch(reader(0), 0)
+            print(f"warm-up {name:>10}: {warm['images']} images in {warm['seconds']:.1f} s", flush=True)
         for r in range(args.rounds):
-            for name in rounds:
-                if name == "dataloader":
-                    res = run_dataloader(manifest, args)
-                else:
-                    res = run_ltcore(uri, args, 0.0 if name == "ltcore_q0" else None)
-                timed = res[1:]  # epoch 0 is the warm-up
-                rate = sum(e["images"] for e in timed) / sum(e["seconds"] for e in timed)
-                rounds[name].append(rate)
-                epochs[name].append(res)
-                per_epoch = ", ".join(f"{e['images']} in {e['seconds']:.2f} s" for e in res)
-                print(f"round {r + 1} {name:>10}: {rate:7.1f} images/s  (epochs: {per_epoch})", flush=True)
+            order = READERS[r % len(READERS):] + READERS[: r % len(READERS)]
+            for name in order:
+                e = time_epoch(readers[name](r + 1), r + 1)
+                epochs[name].append(e)
+                print(f"round {r + 1} {name:>10}: {e['images_per_s']:6.0f} images/s, {e['cpu_ms_per_image']:5.2f} "
+                      f"CPU ms/image ({e['images']} images, {e['seconds']:.2f} s, load {os.getloadavg()[0]:.1f})",
+                      flush=True)
+        del readers
     ray.shutdown()
 
-    med = {k: statistics.median(v) for k, v in rounds.items()}
+    rate = {k: statistics.median(e["images_per_s"] for e in v) for k, v in epochs.items()}
+    cost = {k: statistics.median(e["cpu_ms_per_image"] for e in v) for k, v in epochs.items()}
     result = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "train_images": n,
         "machine": {"cpus_visible": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
                     "load_avg_1m_at_end": os.getloadavg()[0]},
-        "images_per_s": med,
-        "images_per_s_rounds": rounds,
-        "epochs": epochs,
-        "ratio_ltcore_over_dataloader": med["ltcore"] / med["dataloader"],
-        "ratio_rebalanced_over_plain": med["ltcore_q0"] / med["ltcore"],
+        "images_per_s": rate,
+        "cpu_ms_per_image": cost,
+        "ratio_ltcore_over_dataloader": rate["ltcore"] / rate["dataloader"],
+        "ratio_rebalanced_over_plain": rate["ltcore_q0"] / rate["ltcore"],
+        "ratio_ltcore_u8_over_dataloader": rate["ltcore_u8"] / rate["dataloader"],
+        "cpu_ratio_dataloader_over_ltcore": cost["dataloader"] / cost["ltcore"],
         "targets": {"ltcore_over_dataloader": 1.0, "rebalanced_over_plain": 0.95},
+        "epochs": epochs,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print()
-    print(f"HAM10000, {n} images, {args.image_size} px, '{args.kind}' transform, {args.cpus} CPUs, "
-          f"batch {args.batch_size}, median of {args.rounds} rounds x {args.epochs} epochs")
+    print(f"HAM10000, {n} images, {args.image_size} px, '{args.kind}' transform, {args.cpus} CPUs, batch "
+          f"{args.batch_size}; medians of {args.rounds} interleaved epochs per reader")
     print()
-    print("| reader | images/s | ratio |")
-    print("|---|---:|---:|")
-    print(f"| torch DataLoader ({args.cpus} workers) | {med['dataloader']:.0f} | 1.00 |")
-    print(f"| ltcore ingest (Ray Data) | {med['ltcore']:.0f} | {result['ratio_ltcore_over_dataloader']:.2f} "
-          "vs DataLoader (target >= 1.0) |")
-    print(f"| ltcore ingest, class-balanced (q=0) | {med['ltcore_q0']:.0f} | "
-          f"{result['ratio_rebalanced_over_plain']:.2f} vs plain (target >= 0.95) |")
+    print("| reader | images/s | CPU ms / image | ratio |")
+    print("|---|---:|---:|---|")
+    rows = [
+        ("dataloader", f"torch DataLoader ({args.cpus} workers)", "1.00"),
+        ("ltcore", "ltcore ingest (Ray Data)",
+         f"{result['ratio_ltcore_over_dataloader']:.2f} vs DataLoader (target >= 1.0)"),
+        ("ltcore_q0", "ltcore ingest, class-balanced (q=0)",
+         f"{result['ratio_rebalanced_over_plain']:.2f} vs plain ltcore (target >= 0.95)"),
+        ("ltcore_u8", "ltcore ingest, uint8 rows + consumer normalise",
+         f"{result['ratio_ltcore_u8_over_dataloader']:.2f} vs DataLoader"),
+    ]
+    for key, label, ratio in rows:
+        print(f"| {label} | {rate[key]:.0f} | {cost[key]:.2f} | {ratio} |")
     print(f"\nwritten to {args.output}")
     return result
 

@@ -302,8 +302,9 @@ def _set_path(raw: dict[str, Any], cls: type, key: str, text: str) -> None:
                 first = dataclasses.fields(tp)[0].name
                 raise ConfigError(f"{key} is a section; set one of its keys, e.g. {key}.{first}=...")
             node[part] = yaml.safe_load(text) if text != "" else ""
-            if tp is str and not isinstance(node[part], str):
-                node[part] = text  # keep strings verbatim ("007", "1e-3" as names)
+            wants_str = tp is str or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
+            if wants_str and not isinstance(node[part], str):
+                node[part] = text  # keep strings verbatim ("007" as a name, "no" as a choice rather than false)
             return
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section; it takes a value")

@@ -66,7 +66,7 @@ import torch
 
 from ltcore import storage
 from ltcore.data import sampling
-from ltcore.data.transforms import KINDS, build_transform, decode_image
+from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, KINDS, build_transform, decode_image, normalize_images
 
 READ_COLUMNS = ["id", "image", "label"]
 _Batch = dict[str, np.ndarray]
@@ -214,6 +214,21 @@ def resolve_epoch(source: EpochSource | None) -> int:
     if isinstance(source, EpochClock):
         return source.get_epoch()
     return int(source)
+
+
+def normalize_batch(batch: Mapping[str, np.ndarray], *, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> dict[str, torch.Tensor]:
+    """``collate_fn`` for a dataset built with ``normalize=False``: uint8 ``image``/``image2`` ``(B, 3, S, S)`` ->
+    float32 normalised exactly as the full transform does; other columns -> tensors.
+
+    ``shard.iter_torch_batches(batch_size=..., collate_fn=normalize_batch)`` runs it in Ray's batch-formatting
+    threads of the consuming process.
+    """
+    out = {}
+    for k, v in batch.items():
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        out[k] = normalize_images(t, mean, std) if k in ("image", "image2") and t.dtype == torch.uint8 else t
+    return out
 
 
 def epoch_histogram(labels: torch.Tensor | np.ndarray | Sequence[int], num_classes: int) -> list[int]:

@@ -21,7 +21,7 @@ from ltcore.data.manifest import Manifest
 from ltcore.eval.metrics import compute_metrics
 from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
 from ltcore.eval.report import metrics_table, write_report
-from ltcore.methods.recipes import STAGE1
+from ltcore.methods.recipes import stage1_methods
 from ltcore.methods.stage2 import FEATURE_CALIBRATORS
 from ltcore.models import create_backbone
 
@@ -31,8 +31,8 @@ PRED_FILE = "predictions.npz"
 
 def validate(cfg: Config, manifest: Manifest | None = None) -> None:
     """Config checks that need no cluster: method names, backbone name, class names named in config."""
-    if cfg.stage1.method not in STAGE1:
-        choices = ", ".join(sorted(STAGE1))
+    if cfg.stage1.method not in stage1_methods():
+        choices = ", ".join(stage1_methods())
         raise ConfigError(f"stage1.method: {cfg.stage1.method!r} is not valid; choose one of {choices}")
     if cfg.stage2.method not in STAGE2_METHODS:
         choices = ", ".join(STAGE2_METHODS)

@@ -130,11 +130,18 @@ def _la(*, loss_cfg: Any, class_counts: Sequence[int], **_: Any) -> Stage1Recipe
     return Stage1Recipe(LogitAdjustedLoss(class_counts, tau=loss_cfg.la_tau))
 
 
+def stage1_methods() -> list[str]:
+    """Every registered stage-1 recipe name (the baselines here and the papers' in ``paper_recipes``)."""
+    from ltcore.methods import paper_recipes  # noqa: F401 - registers the five papers' recipes
+
+    return sorted(STAGE1)
+
+
 def build_stage1(method: str, **kwargs: Any) -> Stage1Recipe:
     """Build the named recipe. kwargs: loss_cfg, class_counts, classes, epochs, feat_dim, proj_dim."""
-    from ltcore.methods import paper_recipes  # registers the five papers' recipes
+    from ltcore.methods import paper_recipes
 
-    if method not in STAGE1:
+    if method not in stage1_methods():
         raise ValueError(f"stage1.method {method!r} is not a recipe; choose one of {', '.join(sorted(STAGE1))}")
     recipe = STAGE1[method](**kwargs)
     # Augmentations compose with any recipe (e.g. loss.spmix=true with jrcl).

@@ -16,7 +16,9 @@ def test_defaults_round_trip_through_yaml(tmp_path):
 
 def test_overrides_are_typed():
     cfg = load_config(None, ["stage1.epochs=3", "stage1.lr=1e-3", "stage2.tau_grid=[0.5, 1.0]",
-                             "data.source.kind=table", "stage1.loss.spmix=true", "train.run_id=007"])
+                             "data.source.kind=table", "stage1.loss.spmix=true", "train.run_id=007",
+                             "train.use_gpu=no"])
+    assert cfg.train.use_gpu == "no"  # a choice, not YAML's boolean false
     assert cfg.stage1.epochs == 3
     assert cfg.stage1.lr == pytest.approx(1e-3)
     assert cfg.stage2.tau_grid == (0.5, 1.0)
