@@ -218,17 +218,29 @@ def resolve_epoch(source: EpochSource | None) -> int:
 
 def normalize_batch(batch: Mapping[str, np.ndarray], *, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> dict[str, torch.Tensor]:
-    """``collate_fn`` for a dataset built with ``normalize=False``: uint8 ``image``/``image2`` ``(B, 3, S, S)`` ->
-    float32 normalised exactly as the full transform does; other columns -> tensors.
-
-    ``shard.iter_torch_batches(batch_size=..., collate_fn=normalize_batch)`` runs it in Ray's batch-formatting
-    threads of the consuming process.
-    """
+    """uint8 ``image``/``image2`` ``(B, 3, S, S)`` -> float32, normalised exactly as the full transform; other
+    columns -> tensors. For datasets built with ``normalize=False``; see :func:`normalize_collate_fn`."""
     out = {}
     for k, v in batch.items():
         t = torch.from_numpy(np.ascontiguousarray(v))
         out[k] = normalize_images(t, mean, std) if k in ("image", "image2") and t.dtype == torch.uint8 else t
     return out
+
+
+def normalize_collate_fn(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Any:
+    """A Ray ``collate_fn`` applying :func:`normalize_batch` in the consumer's batch-formatting threads.
+
+    Use with ``build_dataset(..., normalize=False)``:
+    ``shard.iter_torch_batches(batch_size=64, collate_fn=normalize_collate_fn())`` yields the same float32 batches
+    as the default dataset, while Ray moves a quarter of the bytes (uint8 instead of float32 rows).
+    """
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class _NormalizeCollate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return normalize_batch(batch, mean=mean, std=std)
+
+    return _NormalizeCollate()
 
 
 def epoch_histogram(labels: torch.Tensor | np.ndarray | Sequence[int], num_classes: int) -> list[int]:
@@ -281,24 +293,27 @@ def _view_seeds(ids: Sequence[str], copies: np.ndarray, seed: int, epoch: int, v
 
 
 class _Augmenter:
-    """Decode + transform rows into ``{"image", ["image2"], "label"}`` numpy arrays."""
+    """Decode + transform rows into ``{"image", ["image2"], "label"}`` numpy arrays.
+
+    The per-image transforms stop at uint8; normalisation (``normalize=True``) runs once on the whole batch, which
+    gives the same numbers as the full transform (elementwise) at a fraction of the per-image overhead.
+    """
 
     def __init__(self, spec: IngestSpec, *, normalize: bool = True) -> None:
-        self.spec = spec
-        self.dtype = np.float32 if normalize else np.uint8
-        self.transforms = [build_transform(v, spec.image_size, normalize=normalize) for v in spec.views]
+        self.spec, self.normalize = spec, normalize
+        self.transforms = [build_transform(v, spec.image_size, normalize=False) for v in spec.views]
         self.random = [v != "test" for v in spec.views]
 
     def __call__(self, images: Sequence[bytes], labels: np.ndarray, ids: Sequence[str], copies: np.ndarray,
                  epoch: int | None) -> dict[str, np.ndarray]:
         n, s = len(images), self.spec.image_size
-        outs = [np.empty((n, 3, s, s), self.dtype) for _ in self.transforms]
+        outs = [torch.empty((n, 3, s, s), dtype=torch.uint8) for _ in self.transforms]  # (B, 3, S, S) per view
         seeds = [
             _view_seeds(ids, copies, self.spec.seed, epoch, v) if rnd and epoch is not None else None
             for v, rnd in enumerate(self.random)
         ]
-        # Seeding torch's global generator per row makes each row's augmentation independent of batching; fork_rng
-        # leaves the caller's generator as it was.
+        # Seeding torch's generator per row makes each row's augmentation independent of batching; fork_rng leaves
+        # the caller's generator as it was.
         with torch.random.fork_rng(devices=[]):
             for i, data in enumerate(images):
                 img = decode_image(data)
@@ -306,10 +321,11 @@ class _Augmenter:
                     if seeds[v] is not None:
                         # the CPU generator only: torch.manual_seed also seeds CUDA, ~80 us per call
                         torch.default_generator.manual_seed(int(seeds[v][i]))
-                    outs[v][i] = t(img).numpy()
-        batch = {"image": outs[0], "label": np.asarray(labels, np.int64)}
-        if len(outs) > 1:
-            batch["image2"] = outs[1]
+                    outs[v][i] = t(img)
+        arrays = [(normalize_images(o) if self.normalize else o).numpy() for o in outs]
+        batch = {"image": arrays[0], "label": np.asarray(labels, np.int64)}
+        if len(arrays) > 1:
+            batch["image2"] = arrays[1]
         return batch
 
 

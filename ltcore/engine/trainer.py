@@ -23,6 +23,37 @@ from ltcore.data.manifest import Manifest
 from ltcore.engine.loops import stage1_loop, stage2_loop
 from ltcore.methods.recipes import build_stage1
 
+# Splits that are evaluated or feature-extracted: every row must reach exactly one worker.
+EXACT_SPLITS = ("val", "test", "train")
+
+
+class ShardConfig(ray.train.DataConfig):
+    """Training streams are split equally (DDP needs equal step counts); evaluation streams are split exactly.
+
+    Ray Train's default ``streaming_split(equal=True)`` drops up to ``world_size - 1`` rows to even the shards;
+    for evaluation and feature extraction that would silently lose test images, so those datasets are split
+    with ``equal=False`` (the loops gather their predictions, they do not step DDP on them).
+    """
+
+    def __init__(self, exact: tuple[str, ...]) -> None:
+        super().__init__()
+        self._exact = set(exact)
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                  **kwargs: Any) -> list[dict[str, Any]]:
+        rest = {k: v for k, v in datasets.items() if k not in self._exact}
+        output = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        for name, ds in datasets.items():
+            if name not in self._exact:
+                continue
+            ds = ds.copy(ds)
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
+                output[i][name] = split
+        return output
+
 
 def use_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu == "yes":
@@ -125,6 +156,7 @@ def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
         scaling_config=scaling(cfg),
         run_config=run_config(cfg, run_uri, "stage1"),
         datasets=stage1_datasets(cfg, manifest_uri, manifest, clock),
+        dataset_config=ShardConfig(exact=("val", "test")),
         torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
     )
     return trainer.fit()
@@ -142,6 +174,7 @@ def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
         scaling_config=scaling(cfg),
         run_config=run_config(cfg, run_uri, "stage2"),
         datasets=stage2_datasets(cfg, manifest_uri, manifest, clock),
+        dataset_config=ShardConfig(exact=EXACT_SPLITS),
         torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
     )
     return trainer.fit()
