@@ -55,6 +55,7 @@ data tasks ``num_cpus=0.5`` (with whole CPUs for two workers no data task can ev
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,8 +223,13 @@ def normalize_batch(batch: Mapping[str, np.ndarray], *, mean: Sequence[float] = 
     columns -> tensors. For datasets built with ``normalize=False``; see :func:`normalize_collate_fn`."""
     out = {}
     for k, v in batch.items():
-        t = torch.from_numpy(np.ascontiguousarray(v))
-        out[k] = normalize_images(t, mean, std) if k in ("image", "image2") and t.dtype == torch.uint8 else t
+        if k in ("image", "image2") and v.dtype == np.uint8:
+            with warnings.catch_warnings():
+                # Ray hands out read-only views of its object store; normalising only reads them.
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                out[k] = normalize_images(torch.from_numpy(v), mean, std)
+        else:
+            out[k] = torch.from_numpy(np.array(v))  # small columns: a writable copy
     return out
 
 
@@ -373,7 +379,7 @@ def build_dataset(
     *,
     epoch_source: EpochSource | None = None,
     num_cpus: float = 1.0,
-    decode_batch_size: int = 32,
+    decode_batch_size: int = 64,
     s3: storage.S3Options | None = None,
     normalize: bool = True,
 ) -> Any:
