@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kind", choices=["weak", "strong", "test"], default="weak", help="transform of every reader")
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decode-batch-size", type=int, default=64, help="rows per Ray decode task")
+    p.add_argument("--decode-batch-size", type=int, default=128, help="rows per Ray decode task")
     p.add_argument("--shuffle-buffer", type=int, default=256, help="ltcore local shuffle buffer (rows)")
     p.add_argument("--rounds", type=int, default=5, help="timed epochs per reader, interleaved across readers")
     p.add_argument("--work-dir", type=Path, default=None, help="where the dataset version goes (default: temp)")
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     import ray
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a fresh instance even when a `ray start` cluster runs on this machine
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().print_on_execution_start = False
     epochs: dict[str, list[dict[str, float]]] = {k: [] for k in READERS}

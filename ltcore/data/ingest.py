@@ -13,10 +13,17 @@ Per epoch, the Ray pipeline is::
                                             row repeated r_i times, r_i drawn per (seed, epoch, row id); rows
                                             permuted inside the shard (shuffle=True)
     -> repartition(rows per block)          small blocks, so decoding spreads over all CPUs
-    -> map_batches(decode + augment)        image (3, S, S) float32 [, image2], label int64
+    -> map_batches(decode + augment)        image (3, S, S) [, image2], label int64
 
 and the consumer adds a local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``). There is
-no global all-to-all shuffle and no per-class branch: one pass over the rows per epoch.
+no global all-to-all shuffle and no per-class branch: one pass over the rows per epoch. Batches mix shards only
+through that buffer and the concurrent decode tasks, so shards should be random samples of the split (a version
+whose shards are sorted by class gives class-clustered batches).
+
+Rows are float32 normalised images by default. With ``normalize=False`` they stay uint8 and the consumer
+normalises (``collate_fn=normalize_collate_fn()``, or :func:`~ltcore.data.transforms.normalize_images` on the GPU):
+the same numbers, a quarter of the bytes through Ray's object store. On 2 CPUs at 224 px that is the difference
+between ~0.7x and ~1x a torch DataLoader's throughput (``benchmarks/README.md``), so engines should use it.
 
 **Epochs are explicit.** Ray Data re-executes the pipeline each time a Train worker iterates its shard again,
 but it tells a UDF which execution it is in only through a private attribute, which also counts other
@@ -24,33 +31,36 @@ executions and restarts at 0 when Train restarts the worker group after a failur
 epoch 0's draws). Instead, a random pipeline reads its epoch from an :class:`EpochClock`, a tiny Ray actor the
 Train workers set at the start of each epoch. Every worker calls ``clock.set_epoch(epoch)`` before it starts
 iterating; the streaming split starts an execution only when all workers have asked for the next epoch, and
-ends one only after every task of it has finished, so all tasks of one execution see the same epoch. A fixed
-``int`` works too, for a pipeline built for one epoch. The draws and augmentations of a row are a function of
-``(seed, epoch, row id, copy index)`` alone, so the same seed gives the same epochs, whatever the number of
-workers, the block layout, or the order rows arrive in, and the local iterator gives the same epoch as Ray.
+ends one only after every task of it has finished, so all tasks of one execution see the same epoch (the Ray
+Train test in ``tests/ltcore/data/test_ingest.py`` fails if a Ray release changes that). A fixed ``int`` works
+too, for a pipeline built for one epoch. The draws and augmentations of a row are a function of
+``(seed, epoch, row id, copy index)`` alone, so the same seed gives the same epochs (as multisets of rows and
+augmented images; which worker gets which row, and the order, depend on timing), whatever the number of workers
+or the block layout, and the local iterator gives the same epoch as Ray.
 
 How an engine uses it::
 
-    clock = EpochClock()                                      # driver
+    clock = EpochClock()                                      # driver, after ray.init
     train = build_dataset(manifest_uri, IngestSpec(split="train", views=("weak",), image_size=224, q=0.0,
-                                                   seed=0), epoch_source=clock, num_cpus=0.5)
+                                                   seed=0), epoch_source=clock, num_cpus=0.5, normalize=False)
     trainer = TorchTrainer(train_func, train_loop_config={"epoch_clock": clock, ...},
                            datasets={"train": train, "val": build_dataset(manifest_uri, eval_spec)},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}))
 
     def train_func(config):                                   # every worker
         clock = config["epoch_clock"]
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(start_epoch, epochs):              # start_epoch from the checkpoint on resume
             clock.set_epoch(epoch)                            # before iterating, on every rank
             hist = np.zeros(num_classes, np.int64)
             for batch in ray.train.get_dataset_shard("train").iter_torch_batches(
-                    batch_size=64, local_shuffle_buffer_size=256):
+                    batch_size=64, local_shuffle_buffer_size=256, collate_fn=normalize_collate_fn()):
                 hist += epoch_histogram(batch["label"], num_classes)
                 ...
-            # all-reduce hist over ranks for the epoch's class histogram
+            # all-reduce hist over ranks: the epoch's class histogram
 
 Ray Data tasks need CPUs besides the Train workers: on a 2-CPU machine give the workers 0.5 CPU each and the
-data tasks ``num_cpus=0.5`` (with whole CPUs for two workers no data task can ever be scheduled).
+data tasks ``num_cpus=0.5`` (with whole CPUs for two workers no data task can ever be scheduled and the first
+epoch waits forever).
 """
 
 from __future__ import annotations
@@ -369,8 +379,9 @@ def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSourc
                   normalize: bool = True) -> dict[str, np.ndarray]:
     """Ray UDF: decode + augment a batch of rows."""
     epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
-    return _Augmenter(spec, normalize=normalize)(batch.column("image").to_pylist(), batch.column("label").to_numpy(),
-                            batch.column("id").to_pylist(), batch.column("rep").to_numpy(), epoch)
+    augment = _Augmenter(spec, normalize=normalize)
+    return augment(batch.column("image").to_pylist(), batch.column("label").to_numpy(), batch.column("id").to_pylist(),
+                   batch.column("rep").to_numpy(), epoch)
 
 
 def build_dataset(
@@ -379,11 +390,11 @@ def build_dataset(
     *,
     epoch_source: EpochSource | None = None,
     num_cpus: float = 1.0,
-    decode_batch_size: int = 64,
+    decode_batch_size: int = 128,
     s3: storage.S3Options | None = None,
     normalize: bool = True,
 ) -> Any:
-    """The split as a ``ray.data.Dataset`` of rows ``image`` float32 ``(3, S, S)`` [, ``image2``], ``label`` int64.
+    """The split as a ``ray.data.Dataset`` of rows ``image`` ``(3, S, S)`` [, ``image2``], ``label`` int64.
 
     Args:
         manifest: a dataset version: manifest URI, :class:`~ltcore.data.manifest.Manifest`, or its dict.
@@ -391,8 +402,11 @@ def build_dataset(
         epoch_source: where tasks learn the epoch: an :class:`EpochClock` (Ray Train: workers set it each
             epoch) or a fixed ``int``. Required when the stream is random (resampling or non-test views).
         num_cpus: CPUs per read / resample / decode task. Fractions let data tasks run beside Train workers.
-        decode_batch_size: rows per decode task's batch (also the block size decoding is spread over).
+        decode_batch_size: rows per decode task (also the block size decoding is spread over); 128 measured
+            best at 224 px on 2 CPUs (fewer, larger tasks; still 16 tasks for 2,000 images).
         s3: S3 endpoint/credentials for ``s3://`` shards; default: the process-wide ones.
+        normalize: True: float32 normalised images. False: uint8 images after all random steps; the consumer
+            normalises them (``collate_fn=normalize_collate_fn()``), giving the same float32 batches.
 
     Returns:
         A lazy ``ray.data.Dataset``; each execution (each epoch a Train worker iterates its shard) re-draws.

@@ -15,8 +15,11 @@ from ltcore.data.ingest import (
     build_dataset,
     epoch_histogram,
     iter_epoch_local,
+    normalize_batch,
+    normalize_collate_fn,
     planned_draws,
 )
+from ltcore.data.transforms import normalize_images
 
 # the fake_version fixture (conftest.py): classes common/middle/rare, train counts 12/5/2 (N = 19), val 3/2/1
 TRAIN_COUNTS = [12, 5, 2]
@@ -55,6 +58,16 @@ def test_epoch_histogram():
     assert epoch_histogram(np.array([], np.int64), 2) == [0, 0]
     with pytest.raises(ValueError, match=r"\[0, 2\)"):
         epoch_histogram([0, 2], 2)
+
+
+def test_normalize_batch():
+    images = np.random.default_rng(0).integers(0, 256, size=(2, 3, 4, 4), dtype=np.uint8)
+    images.setflags(write=False)  # as Ray hands them out
+    out = normalize_batch({"image": images, "image2": images, "label": np.array([1, 0])})
+    assert out["image"].dtype == torch.float32
+    assert torch.equal(out["image"], normalize_images(torch.from_numpy(images.copy())))
+    assert torch.equal(out["image2"], out["image"])
+    assert out["label"].tolist() == [1, 0] and out["label"].dtype == torch.int64
 
 
 def test_unknown_split_and_missing_epoch_source(fake_version):
@@ -212,6 +225,13 @@ def test_ray_dataset_matches_local_and_redraws_per_epoch(ray_session, fake_versi
         np.testing.assert_allclose(ray_sums, local_sums, rtol=0, atol=1e-3)
         hists.append(hist.tolist())
     assert hists[0] != hists[1]
+    # uint8 rows + normalisation in the consumer: the same float32 rows
+    u8 = build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5, decode_batch_size=4, normalize=False)
+    raw = next(iter(u8.iter_batches(batch_size=4)))
+    assert raw["image"].dtype == np.uint8
+    collated = list(u8.iter_torch_batches(batch_size=8, collate_fn=normalize_collate_fn()))  # clock still at 1
+    assert _row_fingerprints(collated)[0] == ray_labels
+    np.testing.assert_allclose(_row_fingerprints(collated)[1], ray_sums, rtol=0, atol=1e-3)
 
 
 @pytest.mark.ray
