@@ -51,7 +51,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         # The dashboard's state API is what Ray Train's placement-group cleaner polls; keep it on.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
