@@ -352,20 +352,10 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         # Stage 2 reports once, at its end: a checkpoint here means it already finished.
         _log("[stage2] already complete; re-reporting its result")
-        with restored.as_directory() as d:
-            state, meta = ckpt.load_dir(d)
         ray.train.report({"resumed": True}, checkpoint=restored if dist.is_main() else None)
         return
 
-    stage1: ray.train.Checkpoint = loop_config["stage1_checkpoint"]
-    with stage1.as_directory() as d:
-        state, meta = ckpt.load_dir(d)
-    recipe = build_stage1(cfg.stage1.method, loss_cfg=cfg.stage1.loss, class_counts=counts, classes=classes,
-                          epochs=cfg.stage1.epochs, proj_dim=cfg.model.proj_dim)
-    model = make_model(cfg, len(classes), recipe, pretrained=False)
-    ckpt.check_compatible(meta, model_meta(cfg, classes, model, "stage1"), what="stage-1 checkpoint")
-    model.load_state_dict(state["model"])
-    model = model.to(device)
+    model = _load_stage1_model(cfg, classes, counts, loop_config["stage1_checkpoint"]).to(device)
 
     t0 = time.perf_counter()
     _, ytr, ftr = predict_shard(model, "train", cfg.train.eval_batch_size, device, features=True)
