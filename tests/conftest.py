@@ -35,7 +35,8 @@ def ray_session() -> Iterator[None]:
     """One local Ray (2 CPUs) shared by every Ray test; started on first use."""
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": never join a cluster some earlier `ray start` left recorded on this machine.
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield

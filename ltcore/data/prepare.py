@@ -181,7 +181,9 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+        from ltcore.cli import init_ray
+
+        init_ray()  # joins RAY_ADDRESS when set, else starts a fresh local Ray
 
 
 def _run_shards(cfg: DataConfig, table: SourceTable, items: list[dict[str, Any]],
