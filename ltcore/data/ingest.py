@@ -184,7 +184,7 @@ class EpochClock:
     def __init__(self, epoch: int | None = None) -> None:
         import ray
 
-        self._actor = ray.remote(num_cpus=0)(_ClockState).remote(epoch)
+        self._actor: Any = ray.remote(num_cpus=0)(_ClockState).remote(epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Set before iterating the epoch's shard; every rank may call it (same value)."""
@@ -197,7 +197,7 @@ class EpochClock:
     def get_epoch(self) -> int:
         import ray
 
-        epoch = ray.get(self._actor.get.remote())
+        epoch: Any = ray.get(self._actor.get.remote())
         if epoch is None:
             raise RuntimeError("EpochClock was never set: call clock.set_epoch(epoch) in every Train worker "
                                "before iterating the dataset shard of that epoch")
@@ -253,7 +253,7 @@ def normalize_collate_fn(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[fl
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class _NormalizeCollate(NumpyBatchCollateFn):
-        def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        def __call__(self, batch: dict[str, np.ndarray]) -> Any:
             return normalize_batch(batch, mean=mean, std=std)
 
     return _NormalizeCollate()
@@ -333,11 +333,11 @@ class _Augmenter:
         with torch.random.fork_rng(devices=[]):
             for i, data in enumerate(images):
                 img = decode_image(data)
-                for v, t in enumerate(self.transforms):
-                    if seeds[v] is not None:
+                for t, view_seeds, out in zip(self.transforms, seeds, outs):
+                    if view_seeds is not None:
                         # the CPU generator only: torch.manual_seed also seeds CUDA, ~80 us per call
-                        torch.default_generator.manual_seed(int(seeds[v][i]))
-                    outs[v][i] = t(img)
+                        torch.default_generator.manual_seed(int(view_seeds[i]))
+                    out[i] = t(img)
         arrays = [(normalize_images(o) if self.normalize else o).numpy() for o in outs]
         batch = {"image": arrays[0], "label": np.asarray(labels, np.int64)}
         if len(arrays) > 1:
@@ -424,7 +424,7 @@ def build_dataset(
     version = _version(manifest, spec.split)
     # One block per shard URI, read by our own task: read_parquet would list the files again in every epoch (a
     # task of ~1 s here) and pack small shards into one read task.
-    ds = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
+    ds: Any = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
     if spec.shuffle:
         # A new shard order every execution, reproducible from the seed and the execution count (public API).
         ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=spec.seed, reseed_after_execution=True))
