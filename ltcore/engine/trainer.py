@@ -143,6 +143,20 @@ def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
     return {"cfg": to_dict(cfg), "classes": list(manifest.classes), "train_counts": manifest.class_counts("train")}
 
 
+def _fit(loop: Any, loop_config: dict[str, Any], cfg: Config, run_uri: str, name: str, datasets: dict[str, Any],
+         exact: tuple[str, ...]) -> ray.train.Result:
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=scaling(cfg),
+        run_config=run_config(cfg, run_uri, name),
+        datasets=datasets,
+        dataset_config=ShardConfig(exact=exact),
+        torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
+    )
+    return trainer.fit()
+
+
 def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str, *,
                inject_failure: str | None = None) -> ray.train.Result:
     """Stage 1 as a Ray Train run. ``inject_failure="<epoch>:<marker>"`` (tests) fails rank 0 once."""
@@ -150,16 +164,8 @@ def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
     loop_config = _loop_config(cfg, manifest)
     loop_config["epoch_clock"] = clock
     loop_config["inject_failure"] = inject_failure
-    trainer = TorchTrainer(
-        stage1_loop,
-        train_loop_config=loop_config,
-        scaling_config=scaling(cfg),
-        run_config=run_config(cfg, run_uri, "stage1"),
-        datasets=stage1_datasets(cfg, manifest_uri, manifest, clock),
-        dataset_config=ShardConfig(exact=("val", "test")),
-        torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
-    )
-    return trainer.fit()
+    return _fit(stage1_loop, loop_config, cfg, run_uri, "stage1", stage1_datasets(cfg, manifest_uri, manifest, clock),
+                exact=("val", "test"))
 
 
 def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
@@ -168,13 +174,5 @@ def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
     loop_config = _loop_config(cfg, manifest)
     loop_config["stage1_checkpoint"] = stage1_checkpoint
     loop_config["epoch_clock"] = clock
-    trainer = TorchTrainer(
-        stage2_loop,
-        train_loop_config=loop_config,
-        scaling_config=scaling(cfg),
-        run_config=run_config(cfg, run_uri, "stage2"),
-        datasets=stage2_datasets(cfg, manifest_uri, manifest, clock),
-        dataset_config=ShardConfig(exact=EXACT_SPLITS),
-        torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
-    )
-    return trainer.fit()
+    return _fit(stage2_loop, loop_config, cfg, run_uri, "stage2", stage2_datasets(cfg, manifest_uri, manifest, clock),
+                exact=EXACT_SPLITS)
