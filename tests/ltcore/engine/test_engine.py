@@ -7,6 +7,8 @@ so that the Ray Data tasks feeding them can run.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,21 +30,39 @@ def _cfg(tmp_path: Path, *overrides: str):
 def test_two_workers_then_resume_by_run_id(ray_session, tmp_path):
     from ltcore.engine.pipeline import run_two_stage
 
-    cfg = _cfg(tmp_path, "stage1.epochs=3", "train.run_id=r1")
+    # Batches of 16 and 6 cRT epochs: 3 epochs of 32-image batches left cRT's fresh classifier under-trained and
+    # the test balanced accuracy anywhere in 0.12-0.28 from run to run (Ray Data's block order varies).
+    cfg = _cfg(tmp_path, "stage1.epochs=3", "stage1.batch_size=16", "stage2.epochs=6", "train.run_id=r1")
     logs: list[str] = []
     uri = run_two_stage(cfg, log=logs.append)
     report = json.loads(Path(uri).read_text())
     s1 = report["stages"]["stage1"]["last_metrics"]
     hist = s1["train_loss_history"]
     assert len(hist) == 3 and hist[-1] < hist[0], hist  # the loss falls
-    # 10 classes: chance balanced accuracy is 0.1; 3 short epochs + cRT must beat it clearly.
-    assert report["metrics"]["test"]["balanced_accuracy"] > 0.15
+    # 10 classes: chance balanced accuracy is 0.1; measured 0.45-0.49 over 3 seeds with this setting.
+    assert report["metrics"]["test"]["balanced_accuracy"] > 0.3
     # Each epoch's class histogram summed over both workers covers the whole (instance-sampled) split.
     n_train = sum(report["class_counts"]["train"])
     assert sum(s1["train_class_histogram"]) == n_train
     assert report["timings"]["total_s"] > 0 and report["throughput_img_s"] > 0
     assert (Path(uri).parent / "confusion_matrix.png").stat().st_size > 1000
     assert (Path(uri).parent / "config.yaml").exists()
+
+    # pipelines/evaluate.py on the saved final model reproduces the run's own test metrics (one process, no Ray).
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model", report["model"],
+                           "--dataset", report["dataset"], "--split", "test", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == f"report: {out / 'report.json'}"
+    evaluated = json.loads((out / "report.json").read_text())["metrics"]["test"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert evaluated[key] == pytest.approx(report["metrics"]["test"][key], abs=1e-6), key
+    assert (out / "recall_vs_count.png").stat().st_size > 1000
+    # A wrong model path is a one-line error naming it, exit code 2.
+    bad = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model", str(tmp_path / "nope"),
+                          "--dataset", report["dataset"]], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "nope" in bad.stderr.strip().splitlines()[-1], bad.stderr[-2000:]
 
     # Same run id again: stage 1 is complete, so nothing is retrained and its checkpoint is handed back.
     uri2 = run_two_stage(cfg, log=logs.append)
