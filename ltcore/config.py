@@ -156,6 +156,9 @@ class TrainConfig:
     max_steps_per_epoch: int = 0  # 0 = full epochs; smoke tests cap it
     eval_batch_size: int = 256
     shuffle_buffer: int = 256
+    # Intra-op threads per worker; 0 = Ray's default (one per CPU the worker reserves). On a small CPU machine
+    # where decoding needs less than the CPUs set aside for it, more threads use the idle cores.
+    torch_threads: int = 0
 
 
 @dataclass(frozen=True)

@@ -198,6 +198,11 @@ def _lr_lambda(warmup: int, total: int) -> Any:
     return f
 
 
+def _set_threads(cfg: Config) -> None:
+    if cfg.train.torch_threads > 0:
+        torch.set_num_threads(cfg.train.torch_threads)
+
+
 def _fault_injection(spec: str | None) -> tuple[int, str] | None:
     """For recovery tests: ``"<epoch>:<marker path>"`` makes rank 0 fail once, after that epoch's training."""
     if not spec or not dist.is_main():
@@ -216,6 +221,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
     classes: list[str] = loop_config["classes"]
     counts: list[int] = loop_config["train_counts"]
     s1 = cfg.stage1
+    _set_threads(cfg)
     torch.manual_seed(cfg.train.seed)
     fault = _fault_injection(loop_config.get("inject_failure"))
     device = ray.train.torch.get_device()
@@ -343,6 +349,7 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
     classes: list[str] = loop_config["classes"]
     counts: list[int] = loop_config["train_counts"]
     s2 = cfg.stage2
+    _set_threads(cfg)
     device = ray.train.torch.get_device()
     if s2.method == "icc":
         icc_loop(loop_config)
