@@ -2,6 +2,7 @@
 
     python benchmarks/quality_ham10000.py --epochs 6 --image-size 128
     python benchmarks/quality_ham10000.py --methods ce,focal --calibrators crt --epochs 1   # quick look
+    python benchmarks/quality_ham10000.py --table                                            # print the results
 
 Each row is ``pipelines/configs/ham10000_<method>.yaml`` with the flags below applied to every row.
 Protocol: the lesion-grouped, class-stratified 70/10/20 split of ``pipelines/configs/ham10000.yaml``; one
@@ -36,7 +37,12 @@ def fmt(v: object) -> str:
     return "-" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
 
 
+ORDER = ("ce", "focal", "cb_ce", "ldam_drw", "balanced_softmax", "logit_adjusted", "ce + crt", "ce + tau_norm",
+         "ce + lws", "proco", "metric", "jrcl", "spmix", "lmd", "composed")
+
+
 def table(rows: dict[str, dict]) -> str:
+    rows = dict(sorted(rows.items(), key=lambda kv: ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER)))
     head = "| method | " + " | ".join(c.replace("_accuracy", "").replace("_ovr_macro", "") for c in COLUMNS)
     lines = [head + " | minutes |", "|" + "---|" * (len(COLUMNS) + 2)]
     for name, r in rows.items():
@@ -57,8 +63,13 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--storage", default=os.path.join(REPO, "ltcore-runs", "bench"))
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality_ham10000.json"))
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit (no runs)")
     p.add_argument("overrides", nargs="*", help="extra config overrides for every row")
     args = p.parse_args()
+    if args.table:
+        with open(args.out) as f:
+            print(table(json.load(f)["rows"]))
+        return 0
 
     from ltcore.cli import init_ray
     from ltcore.data.manifest import Manifest
