@@ -20,7 +20,8 @@ throughput; CPU ms per image is what the reader costs, whatever else runs. The m
 reported, with ratios of the medians. Results go to ``benchmarks/results/ingest.json``; a markdown table is
 printed.
 
-    python benchmarks/ingest.py                                  # 2,000 images, 2 CPUs, weak transform
+    python benchmarks/ingest.py                                  # all 10,015 images, 2 CPUs, weak transform
+    python benchmarks/ingest.py --breakdown                      # + where the ltcore epoch spends its time
     python benchmarks/ingest.py --images 500 --rounds 2          # smoke
 """
 
@@ -60,7 +61,7 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def prepare_version(data: Path, images: int, work: Path) -> str:
-    """A dataset version of ``images`` HAM10000 images, all in train, at their native 150 px shorter side."""
+    """A dataset version of ``images`` HAM10000 images (0: all), all in train, at their native 150 px shorter side."""
     from ltcore.config import DataConfig, SourceConfig, SplitConfig
     from ltcore.data.prepare import prepare_dataset
 
@@ -126,7 +127,51 @@ def make_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[[int]
     readers["ltcore"] = ltcore_reader(None, False)
     readers["ltcore_q0"] = ltcore_reader(0.0, False)
     readers["ltcore_f32"] = ltcore_reader(None, True)
+    if args.breakdown:
+        readers |= breakdown_readers(uri, args)
     return readers
+
+
+def breakdown_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[[int], Iterable[dict[str, Any]]]]:
+    """The plain ltcore reader cut after each step, to see where an epoch's time goes (``--breakdown``).
+
+    ``read``: the shard-read tasks of ``build_dataset`` alone (rows of encoded bytes, shuffled per shard);
+    ``read_cut``: + the streaming repartition into decode-sized blocks; ``decoded``: the whole ``build_dataset``
+    (uint8 rows) consumed with ``iter_batches`` (no torch conversion, no normalisation); ``torch``: +
+    ``iter_torch_batches`` with the normalising collate, no shuffle buffer. The ``ltcore`` reader adds the
+    consumer's local shuffle buffer to that.
+    """
+    import ray.data
+
+    from ltcore.data import ingest
+
+    clock = EpochClock()
+    spec = IngestSpec(split="train", views=(args.kind,), image_size=args.image_size, q=None, seed=0, shuffle=True)
+    version = ingest._version(uri, "train")
+    read_kwargs = {"spec": spec, "counts": version.counts, "epoch_source": clock,
+                   "s3": storage.S3Options().resolved()}
+    read = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
+    read = read.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=0, reseed_after_execution=True))
+    read = read.map_batches(ingest._read_shards, batch_size=None, batch_format="pyarrow", num_cpus=1.0,
+                            fn_kwargs=read_kwargs)
+    cut = read.repartition(target_num_rows_per_block=args.decode_batch_size)
+    full = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=args.decode_batch_size,
+                         normalize=False)
+
+    def reader(make: Callable[[], Iterable[Any]]) -> Callable[[int], Iterable[dict[str, Any]]]:
+        def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
+            clock.set_epoch(epoch)
+            return ({"label": b["label"]} for b in make())
+
+        return epoch_batches
+
+    return {
+        "read": reader(lambda: read.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")),
+        "read_cut": reader(lambda: cut.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")),
+        "decoded": reader(lambda: full.iter_batches(batch_size=args.batch_size)),
+        "torch": lambda epoch: (clock.set_epoch(epoch), full.iter_torch_batches(
+            batch_size=args.batch_size, collate_fn=normalize_collate_fn()))[1],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,14 +207,16 @@ def tree_cpu_seconds(root: int) -> float:
 def time_epoch(batches: Iterable[dict[str, Any]], epoch: int) -> dict[str, float]:
     me = os.getpid()
     c0, t0 = tree_cpu_seconds(me), time.perf_counter()
-    n = 0
+    n, first = 0, None
     for batch in batches:
-        assert batch["image"].dtype == torch.float32
-        n += int(batch["image"].shape[0])
+        assert "image" not in batch or batch["image"].dtype == torch.float32
+        if first is None:
+            first = time.perf_counter() - t0
+        n += len(batch["label"])
     wall = time.perf_counter() - t0
     cpu = tree_cpu_seconds(me) - c0
     return {"epoch": epoch, "images": n, "seconds": wall, "images_per_s": n / wall, "cpu_s": cpu,
-            "cpu_ms_per_image": 1000 * cpu / n}
+            "cpu_ms_per_image": 1000 * cpu / n, "first_batch_s": first}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +225,8 @@ def time_epoch(batches: Iterable[dict[str, Any]], epoch: int) -> dict[str, float
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="HAM10000 folder (metadata CSV + images/)")
-    p.add_argument("--images", type=int, default=2000, help="images in the benchmark's dataset version")
+    p.add_argument("--images", type=int, default=0,
+                   help="images in the benchmark's dataset version (stratified subset); 0 = all 10,015")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--kind", choices=["weak", "strong", "test"], default="weak", help="transform of every reader")
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs and DataLoader workers")
@@ -187,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shuffle-buffer", type=int, default=256, help="ltcore local shuffle buffer (rows)")
     p.add_argument("--rounds", type=int, default=5, help="timed epochs per reader, interleaved across readers")
     p.add_argument("--work-dir", type=Path, default=None, help="where the dataset version goes (default: temp)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the ltcore reader cut after each step (read, repartition, decode, torch)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = p.parse_args(argv)
     if not (args.data / "HAM10000_metadata.csv").exists():
@@ -198,7 +248,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     ray.data.DataContext.get_current().print_on_execution_start = False
-    epochs: dict[str, list[dict[str, float]]] = {k: [] for k in READERS}
     with tempfile.TemporaryDirectory() as tmp:
         uri = prepare_version(args.data, args.images, args.work_dir or Path(tmp))
         manifest = Manifest.load(uri)
@@ -206,22 +255,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         counts = dict(zip(manifest.classes, manifest.class_counts("train")))
         print(f"dataset version: {n} train images, classes {counts}", flush=True)
         readers = make_readers(uri, args)
+        names = tuple(readers)
+        epochs: dict[str, list[dict[str, float]]] = {k: [] for k in names}
         for name, reader in readers.items():  # warm-up: epoch 0, not counted
             warm = time_epoch(reader(0), 0)
             print(f"warm-up {name:>10}: {warm['images']} images in {warm['seconds']:.1f} s", flush=True)
         for r in range(args.rounds):
-            order = READERS[r % len(READERS):] + READERS[: r % len(READERS)]
+            order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
                 e = time_epoch(readers[name](r + 1), r + 1)
                 epochs[name].append(e)
                 print(f"round {r + 1} {name:>10}: {e['images_per_s']:6.0f} images/s, {e['cpu_ms_per_image']:5.2f} "
-                      f"CPU ms/image ({e['images']} images, {e['seconds']:.2f} s, load {os.getloadavg()[0]:.1f})",
-                      flush=True)
+                      f"CPU ms/image, first batch {e['first_batch_s']:.2f} s ({e['images']} images, "
+                      f"{e['seconds']:.2f} s, load {os.getloadavg()[0]:.1f})", flush=True)
         del readers
     ray.shutdown()
 
     rate = {k: statistics.median(e["images_per_s"] for e in v) for k, v in epochs.items()}
     cost = {k: statistics.median(e["cpu_ms_per_image"] for e in v) for k, v in epochs.items()}
+    first = {k: statistics.median(e["first_batch_s"] for e in v) for k, v in epochs.items()}
     result = {
         "protocol": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "train_images": n,
@@ -230,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "load_avg_1m_at_end": os.getloadavg()[0]},
         "images_per_s": rate,
         "cpu_ms_per_image": cost,
+        "first_batch_s": first,
         "ratio_ltcore_over_dataloader": rate["ltcore"] / rate["dataloader"],
         "ratio_rebalanced_over_plain": rate["ltcore_q0"] / rate["ltcore"],
         "ratio_ltcore_f32_over_dataloader": rate["ltcore_f32"] / rate["dataloader"],
@@ -243,8 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"HAM10000, {n} images, {args.image_size} px, '{args.kind}' transform, {args.cpus} CPUs, batch "
           f"{args.batch_size}; medians of {args.rounds} interleaved epochs per reader")
     print()
-    print("| reader | images/s | CPU ms / image | ratio |")
-    print("|---|---:|---:|---|")
+    print("| reader | images/s | CPU ms / image | first batch s | ratio |")
+    print("|---|---:|---:|---:|---|")
     rows = [
         ("dataloader", f"torch DataLoader ({args.cpus} workers)", "1.00"),
         ("ltcore", "ltcore ingest (Ray Data; uint8 rows, consumer normalises)",
@@ -254,8 +307,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("ltcore_f32", "ltcore ingest, float32 rows (build_dataset default)",
          f"{result['ratio_ltcore_f32_over_dataloader']:.2f} vs DataLoader"),
     ]
+    rows += [(k, f"breakdown: {k}", f"{rate['dataloader'] / rate[k]:.2f}x the DataLoader's epoch time")
+             for k in names if k not in READERS]
     for key, label, ratio in rows:
-        print(f"| {label} | {rate[key]:.0f} | {cost[key]:.2f} | {ratio} |")
+        print(f"| {label} | {rate[key]:.0f} | {cost[key]:.2f} | {first[key]:.2f} | {ratio} |")
     print(f"\nwritten to {args.output}")
     return result
 

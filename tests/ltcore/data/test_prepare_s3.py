@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from ltcore import storage
 from ltcore.config import DataConfig, SourceConfig
 from ltcore.data import prepare as prepare_mod
 from ltcore.data import splits
+from ltcore.data.ingest import IngestSpec, build_dataset, iter_epoch_local, planned_draws
 from ltcore.data.manifest import Manifest
 from ltcore.data.prepare import prepare_dataset
 from ltcore.data.sources import load_source
@@ -69,6 +71,16 @@ def test_s3_prepare_matches_local(ray_session: None, s3_bucket: str, ham63: Path
     assert _read_back(remote) == _read_back(local)
     assert prepare_dataset(to_s3, progress=False) == (uri, True)
 
+    # read back by ingest from S3, on Ray (Ray Data tasks read the shards over HTTP) and in this process
+    for split in remote.splits:
+        spec = IngestSpec(split=split, views=("test",), image_size=32, shuffle=False)
+        expected = local.class_counts(split)
+        rows = build_dataset(uri, spec, num_cpus=0.5, decode_batch_size=16).take_all()
+        assert np.bincount([r["label"] for r in rows], minlength=7).tolist() == expected
+        assert all(r["image"].shape == (3, 32, 32) for r in rows)
+        labels = torch.cat([b["label"] for b in iter_epoch_local(uri, spec, 0, batch_size=16)])
+        assert np.bincount(labels.numpy(), minlength=7).tolist() == expected
+
     # table and images on S3 too: listed and read through s3fs, fingerprinted by ETag
     fs, root = storage.fsspec_fs(f"{s3_bucket}/raw")
     fs.put(str(ham63 / "images"), f"{root}/images", recursive=True)
@@ -96,7 +108,8 @@ def test_full_ham10000_to_s3(ray_session: None, s3_bucket: str, ham10000_dir: Pa
     src = _source(str(ham10000_dir / "HAM10000_metadata.csv"), str(ham10000_dir / "images"))
     cfg = DataConfig(name="ham10000", source=src, output=f"{s3_bucket}/datasets", image_size=128)
     t0 = time.monotonic()
-    m = Manifest.load(prepare_dataset(cfg, progress=False)[0])
+    uri = prepare_dataset(cfg, progress=False)[0]
+    m = Manifest.load(uri)
     print(f"\nHAM10000 -> S3 prepare: {time.monotonic() - t0:.1f} s, hash {m.hash}")
     # what a local prepare writes: the same pure split of the same table
     table = load_source(src)
@@ -106,3 +119,8 @@ def test_full_ham10000_to_s3(ray_session: None, s3_bucket: str, ham10000_dir: Pa
         assert m.class_counts(s) == np.bincount(table.labels[idx], minlength=7).tolist()
     assert sum(m.num_rows(s) for s in m.splits) == 10_015
     assert {s: len(v) for s, v in _read_back(m).items()} == {s: len(idx) for s, idx in parts.items()}
+    # ingest's own reader of the S3 shards (ids + labels; one plain epoch draws each row once)
+    for s, idx in parts.items():
+        _, y, reps = planned_draws(uri, IngestSpec(split=s, views=("test",), shuffle=False), 0)
+        assert np.bincount(y, weights=reps, minlength=7).astype(int).tolist() == m.class_counts(s)
+        assert reps.tolist() == [1] * len(idx)
