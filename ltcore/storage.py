@@ -149,14 +149,19 @@ def check_bucket(uri: str, s3: S3Options | None = None) -> None:
         return
     fs, path = fsspec_fs(uri, s3)
     bucket = path.split("/", 1)[0]
+    # HeadBucket, not fs.exists: exists() answers False when the endpoint cannot be reached at all.
     try:
-        ok = fs.exists(bucket)
-    except Exception as e:
-        raise StorageError(f"cannot reach object storage for {uri!r}: {type(e).__name__}: {e}; "
-                           "check AWS_ENDPOINT_URL / credentials (storage.s3_* in config)") from None
-    if not ok:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
         raise StorageError(f"bucket {bucket!r} of {uri!r} does not exist; create it first (buckets are not "
-                           "created by ltcore)")
+                           "created by ltcore)") from None
+    except PermissionError as e:
+        raise StorageError(f"access to bucket {bucket!r} of {uri!r} was refused ({e}); check the credentials "
+                           "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or storage.s3_* in config)") from None
+    except Exception as e:
+        msg = " ".join(str(e).split())
+        raise StorageError(f"cannot reach object storage for {uri!r}: {type(e).__name__}: {msg}; check "
+                           "AWS_ENDPOINT_URL / credentials (storage.s3_* in config)") from None
 
 
 def exists(uri: str, s3: S3Options | None = None) -> bool:

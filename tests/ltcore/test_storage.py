@@ -89,3 +89,17 @@ def test_s3_missing_bucket_is_a_clear_error(s3_server: dict[str, str]) -> None:
     assert "bucket 'no-such-bucket-ltcore'" in msg and "does not exist" in msg and "\n" not in msg
     with pytest.raises(storage.StorageError, match="does not exist"):
         storage.check_bucket(uri)
+
+
+def test_s3_unreachable_endpoint_is_not_a_missing_bucket() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    opts = storage.S3Options(endpoint_url=f"http://127.0.0.1:{port}", access_key="k", secret_key="s")
+    with pytest.raises(storage.StorageError) as e:
+        storage.write_text("s3://some-bucket/x/manifest.json", "x", opts)
+    msg = str(e.value)
+    assert msg.startswith("cannot reach object storage for 's3://some-bucket/x/manifest.json'")
+    assert f"127.0.0.1:{port}" in msg and "AWS_ENDPOINT_URL" in msg and "\n" not in msg
