@@ -159,6 +159,8 @@ class TrainConfig:
     # Intra-op threads per worker; 0 = Ray's default (one per CPU the worker reserves). On a small CPU machine
     # where decoding needs less than the CPUs set aside for it, more threads use the idle cores.
     torch_threads: int = 0
+    # A progress line from the first worker every this many seconds within an epoch (0 = per-epoch lines only).
+    progress_every_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ltcore.config import Config, from_dict
+from ltcore.data.transforms import normalize_images
 from ltcore.engine import checkpoint as ckpt
 from ltcore.engine import dist
 from ltcore.eval.metrics import compute_metrics
@@ -94,9 +95,13 @@ def _autocast(device: torch.device) -> Any:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move a batch to ``device``; uint8 image batches ``(B, 3, H, W)`` (the engine's datasets) are normalised
+    there, after the copy (4x fewer bytes to move than float32)."""
     out = {}
     for k, v in batch.items():
         t = torch.as_tensor(v).to(device, non_blocking=True)
+        if t.ndim == 4 and t.dtype == torch.uint8:
+            t = normalize_images(t)
         if t.ndim == 4 and device.type == "cuda":
             t = t.contiguous(memory_format=torch.channels_last)
         out[k] = t
@@ -179,6 +184,25 @@ def _metrics(cfg: Config, probs: np.ndarray, labels: np.ndarray, classes: list[s
 def _log(msg: str) -> None:
     if dist.is_main():
         print(msg, flush=True)
+
+
+class _Progress:
+    """Within-epoch progress lines from the first worker, at most one per ``every_s`` seconds (0: none)."""
+
+    def __init__(self, tag: str, every_s: float) -> None:
+        self.tag, self.every_s = tag, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.steps, self.images, self.loss_sum = 0, 0, 0.0
+
+    def step(self, images: int, loss: float) -> None:
+        self.steps += 1
+        self.images += images
+        self.loss_sum += loss * images
+        now = time.perf_counter()
+        if self.every_s > 0 and now - self.last >= self.every_s:
+            self.last = now
+            _log(f"{self.tag} step {self.steps}: {self.images} images on this worker, "
+                 f"{self.images / (now - self.t0):.0f} img/s, mean loss {self.loss_sum / max(1, self.images):.4f}")
 
 
 def _build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:
@@ -274,6 +298,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
         hist = np.zeros(len(classes), np.int64)
         loss_sum, n_seen = 0.0, 0
         logs_sum: dict[str, float] = {}
+        progress = _Progress(f"[stage1] epoch {epoch + 1}/{s1.epochs}", cfg.train.progress_every_s)
         for batch in train_batches(cfg, recipe, epoch):
             batch = _to_device(batch, device)
             with _autocast(device):
@@ -286,6 +311,7 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
             hist += np.bincount(batch["label"].cpu().numpy(), minlength=len(classes))
             loss_sum += float(loss.detach()) * bs
             n_seen += bs
+            progress.step(bs, float(loss.detach()))
             for k, v in logs.items():
                 logs_sum[k] = logs_sum.get(k, 0.0) + v * bs
         scheduler.step()
@@ -463,6 +489,7 @@ def icc_loop(loop_config: dict[str, Any]) -> None:
         backbone.train()
         means, covs = ema.means.to(device), ema.covs.to(device)
         loss_sum, seen = 0.0, 0
+        progress = _Progress(f"[stage2/icc] round {rnd + 1}/{s2.icc_rounds} e-step", cfg.train.progress_every_s)
         for batch in lockstep(iter_shard("train_aug", s2.batch_size, cfg.train.shuffle_buffer)):
             batch = _to_device(batch, device)
             with _autocast(device):
@@ -475,6 +502,7 @@ def icc_loop(loop_config: dict[str, Any]) -> None:
             opt.step()
             loss_sum += float(loss.detach()) * len(batch["label"])
             seen += len(batch["label"])
+            progress.step(len(batch["label"]), float(loss.detach()))
         tot = dist.all_reduce_sum(np.array([loss_sum, seen], np.float64))
         metrics: dict[str, Any] = {"round": rnd, "e_step_loss": float(tot[0] / max(1, tot[1])),
                                    "round_s": time.perf_counter() - t0}

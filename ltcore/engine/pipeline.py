@@ -46,6 +46,8 @@ def validate(cfg: Config, manifest: Manifest | None = None) -> None:
         raise ConfigError("train.num_workers must be >= 1")
     if cfg.train.torch_threads < 0:
         raise ConfigError(f"train.torch_threads must be >= 0 (0 = one per worker CPU), got {cfg.train.torch_threads}")
+    if cfg.train.progress_every_s < 0:
+        raise ConfigError(f"train.progress_every_s must be >= 0 (0 = off), got {cfg.train.progress_every_s}")
     if cfg.model.backbone not in list_backbones() and not timm.is_model(cfg.model.backbone):
         # A name check only: building the network here would cost seconds for large backbones.
         raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is neither an ltcore backbone "

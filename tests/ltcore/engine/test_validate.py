@@ -26,6 +26,7 @@ pytestmark = pytest.mark.timeout(120)
         ("stage1.epochs=0", r"stage1.epochs must be >= 1"),
         ("train.num_workers=0", r"train.num_workers must be >= 1"),
         ("train.torch_threads=-1", r"train.torch_threads must be >= 0"),
+        ("train.progress_every_s=-5", r"train.progress_every_s must be >= 0"),
     ],
 )
 def test_validate_rejects(override, message):
@@ -50,3 +51,19 @@ def test_two_stage_cli_bad_config_is_one_line_and_starts_no_ray(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines == [lines[-1]] and lines[-1].startswith("error: stage1.method: 'nope' is not valid"), proc.stderr
     assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_progress_lines_are_rate_limited(capsys, monkeypatch):
+    from ltcore.engine import loops
+
+    clock = iter([0.0, 10.0, 30.0, 70.0, 71.0, 200.0, 400.0])
+    monkeypatch.setattr(loops.time, "perf_counter", lambda: next(clock))
+    p = loops._Progress("[stage1] epoch 1/2", every_s=60.0)  # starts at t=0
+    for _ in range(4):  # t = 10, 30, 70, 71
+        p.step(64, 2.0)
+    lines = capsys.readouterr().out.splitlines()
+    # one line: at t=70 (the first step 60 s or more after the start), none at 71
+    assert lines == ["[stage1] epoch 1/2 step 3: 192 images on this worker, 3 img/s, mean loss 2.0000"]
+    off = loops._Progress("[stage1] epoch 1/2", every_s=0.0)  # t = 200
+    off.step(64, 1.0)
+    assert capsys.readouterr().out == ""
