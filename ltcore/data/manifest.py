@@ -32,7 +32,9 @@ from ltcore import storage
 FORMAT_VERSION = 1
 # Bump when the prepare algorithm changes what it writes for the same inputs (resize, encoding, split rule),
 # so old versions are not mistaken for up to date.
-PREPARE_ALGORITHM = 1
+# 2: rows are spread over a split's shards in a seeded hash order of their ids (1: id order, which put a class
+# per shard for ImageFolder ids "class/file").
+PREPARE_ALGORITHM = 2
 SHARD_COLUMNS = ("id", "image", "label", "group")
 MANIFEST_NAME = "manifest.json"
 # config keys that say where data lives, not what it is

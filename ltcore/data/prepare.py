@@ -15,8 +15,10 @@ Order of work, cheapest first, so that bad input fails before any cluster work:
 6. ``manifest.json`` last, atomically: the commit point. Until it exists the version folder is invisible to
    readers; a failed run removes its shards, and a rerun clears a folder a crashed run left behind.
 
-Shards are planned on the driver (rows sorted by id, ``rows_per_shard`` per file), so a version's shard files
-and their contents are the same on every run and every storage backend.
+Shards are planned on the driver (``rows_per_shard`` per file, rows in a seeded hash order of their ids), so a
+version's shard files and their contents are the same on every run and every storage backend, and every shard is
+a random sample of its split: ids often encode the class (ImageFolder ``class/file``), and the ingest shuffles
+within shards and a few blocks, so id-ordered shards would give single-class batches.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ import numpy as np
 
 from ltcore import storage
 from ltcore.config import DataConfig, SourceConfig, to_dict
-from ltcore.data import splits
+from ltcore.data import sampling, splits
 from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, version_uri
 from ltcore.data.sources import SourceTable, fingerprints, load_source
 
 JPEG_QUALITY = 95
+_KEY_SHARD_ORDER = 101  # row_uniforms key of the shard order (ingest uses keys below 100)
 _READ_CHUNK = 64  # images fetched per request batch inside a shard task; bounds a task's memory
 
 
@@ -102,7 +105,7 @@ def prepare_dataset(
     storage.write_bytes(probe, b"", s3)
     storage.remove(probe, s3=s3)
 
-    items = _plan_shards(table, parts, version, cfg.rows_per_shard)
+    items = _plan_shards(table, parts, version, cfg.rows_per_shard, cfg.seed)
     say(f"prepare: writing version {h} ({len(items)} shards) to {version}")
     try:
         results = _run_shards(cfg, table, items, s3)
@@ -159,10 +162,13 @@ def _subsample(cfg: DataConfig, table: SourceTable, say: Callable[[str], None]) 
     return table
 
 
-def _plan_shards(table: SourceTable, parts: dict[str, np.ndarray], version: str, per: int) -> list[dict[str, Any]]:
-    """One item per shard: which rows (id order) go into which file."""
+def _plan_shards(table: SourceTable, parts: dict[str, np.ndarray], version: str, per: int,
+                 seed: int) -> list[dict[str, Any]]:
+    """One item per shard: which rows go into which file; a split's rows in a seeded hash order of their ids."""
     items: list[dict[str, Any]] = []
     for split, idx in parts.items():
+        keys = sampling.row_uniforms(sampling.id_keys([table.ids[i] for i in idx]), seed, 0, _KEY_SHARD_ORDER)
+        idx = idx[np.argsort(keys, kind="stable")]
         for k, start in enumerate(range(0, len(idx), per)):
             chunk = idx[start : start + per]
             rows = [[table.ids[i], table.paths[i] if table.paths else "", int(table.labels[i]), table.groups[i]]

@@ -242,3 +242,33 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, no_cluster: No
     assert expected in str(e.value) and "\n" not in str(e.value)
     if out.is_dir():
         _no_manifest(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shard layout
+
+
+@pytest.mark.ray
+def test_shards_are_random_samples_of_their_split(ray_session: None, tmp_path: Path) -> None:
+    # ImageFolder ids are "class/file": in id order each 6-row shard would hold a single class.
+    rng = np.random.default_rng(1)
+    for c in ("a", "b", "c"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "src" / c / f"{i:02d}.jpg").write_bytes(_jpeg(rng))
+    src = SourceConfig(kind="imagefolder", image_root=str(tmp_path / "src"))
+    layouts = []
+    for out in ("out1", "out2"):
+        cfg = DataConfig(name="folders", source=src, output=str(tmp_path / out), image_size=8, rows_per_shard=6,
+                         split=SplitConfig(train=1.0, val=0.0, test=0.0))
+        m = Manifest.load(prepare_dataset(cfg, progress=False)[0])
+        shards = []
+        for uri in m.shards["train"]:
+            fs, path = storage.arrow_fs(uri)
+            shards.append(pq.read_table(path, filesystem=fs, columns=["id", "label"]).to_pydict())
+        assert len(shards) == 6 and sorted(i for s in shards for i in s["id"]) == sorted(
+            f"{c}/{i:02d}.jpg" for c in "abc" for i in range(12))
+        # with 36 rows in a seeded hash order, every shard mixes classes
+        assert all(len(set(s["label"])) >= 2 for s in shards), [s["label"] for s in shards]
+        layouts.append([s["id"] for s in shards])
+    assert layouts[0] == layouts[1]  # the same shards on every run
