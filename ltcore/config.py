@@ -294,7 +294,8 @@ def from_dict(raw: dict[str, Any], cls: type = Config) -> Any:
 
 def _set_path(raw: dict[str, Any], cls: type, key: str, text: str) -> None:
     parts = key.split(".")
-    node, node_cls = raw, cls
+    node: Any = raw
+    node_cls: Any = cls
     for i, part in enumerate(parts):
         hints = _hints(node_cls)
         if part not in hints:

@@ -82,11 +82,10 @@ class TrainModule(nn.Module):
 
 def unwrap(model: nn.Module) -> LTModel:
     """The LTModel inside a DDP and/or TrainModule wrapper."""
-    if hasattr(model, "module"):
-        model = model.module
-    if isinstance(model, TrainModule):
-        model = model.model
-    return model  # type: ignore[return-value]
+    inner: Any = model.module if hasattr(model, "module") else model
+    if isinstance(inner, TrainModule):
+        inner = inner.model
+    return inner  # type: ignore[no-any-return]
 
 
 def _autocast(device: torch.device) -> Any:
@@ -281,12 +280,13 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
 
     # Recipes make every trainable parameter take part in each step; the ones that cannot say so.
     ddp_kwargs = {"find_unused_parameters": recipe.find_unused_parameters}
-    model = ray.train.torch.prepare_model(TrainModule(model, extra), move_to_device=False,
+    # from here on `model` is the (DDP-wrapped) TrainModule; unwrap(model) is the LTModel
+    model = ray.train.torch.prepare_model(TrainModule(model, extra), move_to_device=False,  # type: ignore[assignment]
                                           parallel_strategy_kwargs=ddp_kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _build_optimizer(cfg, params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(s1.warmup_epochs, s1.epochs))
-    if optimizer_state is not None:
+    if optimizer_state is not None and scheduler_state is not None:
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(scheduler_state)
 
@@ -403,6 +403,8 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
         if dist.is_main():
             # Rank 0 fits on the gathered features: the calibrators are tiny and deterministic.
             t1 = time.perf_counter()
+            if not isinstance(model.head, nn.Linear):  # validate() refuses stage 2 without model.head=linear
+                raise TypeError(f"stage 2 calibrates a linear head, got {type(model.head).__name__}")
             res = calibrate(s2.method, model.head, torch.as_tensor(ftr), torch.as_tensor(ytr),
                             torch.as_tensor(fva), torch.as_tensor(yva), counts, epochs=s2.epochs, lr=s2.lr,
                             batch_size=s2.batch_size, q=s2.q, taus=s2.tau_grid, la_tau=s2.la_tau,

@@ -29,6 +29,8 @@ from ltcore.data.sampling import class_probabilities, draw_repeats
 from ltcore.losses import CrossEntropyLoss, class_balanced_weights
 from ltcore.methods.calibrators import LWSClassifier, reinit_linear, select_tau, tau_normalize
 
+TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
+
 FEATURE_CALIBRATORS = ("crt", "tau_norm", "lws", "posthoc_la", "crw", "drs")
 
 
@@ -94,7 +96,7 @@ def calibrate(
     lr: float = 0.1,
     batch_size: int = 64,
     q: float = 0.0,
-    taus: Sequence[float] = tuple(round(0.1 * i, 1) for i in range(21)),
+    taus: Sequence[float] = TAU_GRID,
     la_tau: float = 1.0,
     seed: int = 0,
 ) -> CalibrationResult:
