@@ -2,14 +2,17 @@
 
 The layout follows the contract of :mod:`ltcore.data.manifest` (columns ``id`` string, ``image`` binary PNG,
 ``label`` int32, ``group`` string; manifest fields ``classes``, ``counts``, ``image_size``, ``shards``,
-``group_column``, ``hash``), without going through prepare, so the ingest tests do not depend on it.
+``group_column``, ``hash``), without going through prepare, so the ingest tests do not depend on it; and HAM10000
+prepared once per session (``ham10000_version``) for the tests that need the real dataset.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
+from ltcore.config import DataConfig, SourceConfig
+from ltcore.data.prepare import prepare_dataset
 
 FAKE_CLASSES = ("common", "middle", "rare")
 FAKE_COUNTS = {"train": (12, 5, 2), "val": (3, 2, 1)}
@@ -89,3 +95,29 @@ def version_writer(tmp_path: Path) -> Callable[..., str]:
         return write_version(tmp_path / f"v{len(list(tmp_path.iterdir()))}", counts, **kw)  # type: ignore[arg-type]
 
     return make
+
+
+def ham_config(ham: Path, output: str) -> DataConfig:
+    """What pipelines/configs/ham10000.yaml says, with the data folder and output given."""
+    src = SourceConfig(kind="table", table=str(ham / "HAM10000_metadata.csv"), image_root=str(ham / "images"),
+                       id_column="image_id", path_template="{id}.jpg", label_column="dx", group_column="lesion_id")
+    return DataConfig(name="ham10000", source=src, output=output, image_size=128)
+
+
+@dataclass(frozen=True)
+class HamVersion:
+    """HAM10000 prepared once per session at 128 px: its manifest URI, the config, the first run's outcome."""
+
+    uri: str
+    config: DataConfig
+    first_up_to_date: bool
+    first_wall_s: float
+
+
+@pytest.fixture(scope="session")
+def ham10000_version(ray_session: None, ham10000_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> HamVersion:
+    """The lesion-grouped HAM10000 version of ``pipelines/configs/ham10000.yaml`` (a full prepare, ~1 minute)."""
+    cfg = ham_config(ham10000_dir, str(tmp_path_factory.mktemp("ham10000") / "datasets"))
+    t0 = time.monotonic()
+    uri, up_to_date = prepare_dataset(cfg, progress=False)
+    return HamVersion(uri, cfg, up_to_date, time.monotonic() - t0)

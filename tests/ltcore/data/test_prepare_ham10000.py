@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ltcore.config import DataConfig, SourceConfig
 from ltcore.data.manifest import Manifest
 from ltcore.data.prepare import prepare_dataset
 
@@ -19,22 +17,12 @@ from ltcore.data.prepare import prepare_dataset
 HAM_COUNTS = {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113, "nv": 6705, "vasc": 142}
 
 
-def ham_config(ham: Path, output: str) -> DataConfig:
-    """What pipelines/configs/ham10000.yaml says, with the data folder and output given."""
-    src = SourceConfig(kind="table", table=str(ham / "HAM10000_metadata.csv"), image_root=str(ham / "images"),
-                       id_column="image_id", path_template="{id}.jpg", label_column="dx", group_column="lesion_id")
-    return DataConfig(name="ham10000", source=src, output=output, image_size=128)
-
-
 @pytest.mark.ray
-def test_ham10000_prepare(ray_session: None, ham10000_dir: Path, tmp_path: Path) -> None:
-    cfg = ham_config(ham10000_dir, str(tmp_path / "datasets"))
-    t0 = time.monotonic()
-    uri, up_to_date = prepare_dataset(cfg, progress=False)
-    wall = time.monotonic() - t0
-    assert not up_to_date
+def test_ham10000_prepare(ham10000_version, ham10000_dir: Path) -> None:  # ham10000_version: data/conftest.py
+    uri, cfg = ham10000_version.uri, ham10000_version.config
+    assert not ham10000_version.first_up_to_date
     m = Manifest.load(uri)
-    print(f"\nHAM10000 prepare: {wall:.1f} s, hash {m.hash}, counts {m.counts}")
+    print(f"\nHAM10000 prepare: {ham10000_version.first_wall_s:.1f} s, hash {m.hash}, counts {m.counts}")
 
     assert m.classes == tuple(sorted(HAM_COUNTS)) and m.group_column == "lesion_id" and m.image_size == 128
     totals = {c: sum(m.counts[s][c] for s in m.splits) for c in m.classes}

@@ -1,71 +1,83 @@
-"""The issue's acceptance check for sampling, on HAM10000's real class counts (``dx`` column of the metadata).
+"""The issue's acceptance check for sampling, on HAM10000's train split, through the Ray Data ingest.
 
-Counts: nv 6705, mel 1113, bkl 1099, bcc 514, akiec 327, vasc 142, df 115 (N = 10,015, C = 7). The draws use the
-real image ids as row keys, as ingest does.
+The version is ``pipelines/configs/ham10000.yaml``'s (lesion-grouped 70/10/20, prepared once per session by the
+``ham10000_version`` fixture). Each epoch is streamed by :func:`~ltcore.data.ingest.build_dataset` exactly as a
+Ray Train worker would (resampling in the read tasks, an :class:`EpochClock` set per epoch); images are decoded at
+8 px with the deterministic ``test`` view, so an epoch of ~7,000 rows takes seconds. The class histogram of the
+labels that reach the consumer is the measured quantity.
 """
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 
-from ltcore.data.sampling import class_probabilities, draw_repeats, id_keys
+from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset, epoch_histogram, planned_draws
+from ltcore.data.manifest import Manifest
 
 EPOCHS = 5
 
 
+def _stream(uri: str, q: float, seed: int):
+    """epoch -> (class histogram, sorted label/row fingerprint) of that epoch as delivered by Ray Data."""
+    spec = IngestSpec(split="train", views=("test",), image_size=8, q=q, seed=seed)
+    clock = EpochClock()
+    ds = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=256, normalize=False)
+
+    def epoch(e: int) -> tuple[np.ndarray, np.ndarray]:
+        clock.set_epoch(e)
+        hist = np.zeros(7, np.int64)
+        sums = []
+        for b in ds.iter_batches(batch_size=512):
+            hist += epoch_histogram(b["label"], 7)
+            sums.append(b["image"].reshape(len(b["label"]), -1).sum(axis=1) * 8 + b["label"])
+        return hist, np.sort(np.concatenate(sums))
+
+    return spec, epoch
+
+
 @pytest.fixture(scope="module")
-def ham(ham10000_dir):
-    with open(ham10000_dir / "HAM10000_metadata.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    classes = sorted({r["dx"] for r in rows})
-    labels = np.array([classes.index(r["dx"]) for r in rows])
-    counts = np.bincount(labels, minlength=len(classes))
-    keys = id_keys([r["image_id"] for r in rows])
-    return classes, labels, counts, keys
+def ham_train(ham10000_version):
+    m = Manifest.load(ham10000_version.uri)
+    return ham10000_version.uri, np.array(m.class_counts("train"))
 
 
-def _epoch_hist(labels, counts, keys, q, seed, epoch):
-    r = draw_repeats(labels, counts, class_probabilities(counts, q), seed, epoch, row_keys=keys)
-    return r, np.bincount(labels, weights=r, minlength=counts.size).astype(np.int64)
-
-
-def test_ham_counts_are_the_published_ones(ham):
-    classes, _, counts, _ = ham
-    assert dict(zip(classes, counts.tolist())) == {"akiec": 327, "bcc": 514, "bkl": 1099, "df": 115, "mel": 1113,
-                                                  "nv": 6705, "vasc": 142}
-
-
-def test_class_balanced_within_10_percent_of_uniform(ham):
-    _, labels, counts, keys = ham
-    uniform = counts.sum() / counts.size  # 10015 / 7 = 1430.7 draws per class per epoch
+@pytest.mark.ray
+def test_class_balanced_within_10_percent_of_uniform(ham_train):
+    uri, counts = ham_train
+    assert counts.size == 7 and counts.sum() > 6500  # nv ~4,700 ... df ~80: ratio ~58
+    spec, epoch = _stream(uri, 0.0, seed=0)
+    uniform = counts.sum() / counts.size  # draws per class per epoch under q = 0
     total = np.zeros(counts.size)
-    for epoch in range(EPOCHS):
-        _, hist = _epoch_hist(labels, counts, keys, 0.0, seed=0, epoch=epoch)
-        # every epoch on its own: nv's draws are Binomial(6705, 0.213), sd 34 = 2.3% of 1430.7
+    for e in range(EPOCHS):
+        hist, _ = epoch(e)
+        _, y, r = planned_draws(uri, spec, e)
+        assert np.array_equal(hist, np.bincount(y, weights=r, minlength=7))  # the stream is the planned draws
+        # each epoch on its own: nv's draws are Binomial(~4,700, ~0.21), sd ~28 = 2.8% of uniform
         assert np.all(np.abs(hist - uniform) <= 0.10 * uniform), hist
         total += hist
     assert np.all(np.abs(total - EPOCHS * uniform) <= 0.10 * EPOCHS * uniform), total
 
 
-def test_instance_sampling_reproduces_counts(ham):
-    _, labels, counts, keys = ham
-    for epoch in range(EPOCHS):
-        r, hist = _epoch_hist(labels, counts, keys, 1.0, seed=0, epoch=epoch)
-        assert np.array_equal(hist, counts)  # r_i = 1 exactly: every image once
-        assert np.array_equal(r, np.ones_like(r))
+@pytest.mark.ray
+def test_instance_sampling_reproduces_counts(ham_train):
+    uri, counts = ham_train
+    spec, epoch = _stream(uri, 1.0, seed=0)
+    for e in (0, 1):
+        hist, _ = epoch(e)
+        assert np.array_equal(hist, counts)  # q = 1: every image exactly once
+        assert np.array_equal(planned_draws(uri, spec, e)[2], np.ones(counts.sum()))
 
 
-def test_epochs_differ_and_seed_reproduces(ham):
-    _, labels, counts, keys = ham
-    first = [_epoch_hist(labels, counts, keys, 0.0, seed=0, epoch=e)[0] for e in range(EPOCHS)]
-    again = [_epoch_hist(labels, counts, keys, 0.0, seed=0, epoch=e)[0] for e in range(EPOCHS)]
-    other = [_epoch_hist(labels, counts, keys, 0.0, seed=1, epoch=e)[0] for e in range(EPOCHS)]
-    for a, b in zip(first, again):
-        assert np.array_equal(a, b)
-    for e in range(EPOCHS - 1):
-        # nv alone has 6705 independent Bernoulli(0.213) draws per epoch: the epochs' draws are never identical
-        assert not np.array_equal(first[e], first[e + 1])
-    assert not any(np.array_equal(a, b) for a, b in zip(first, other))
+@pytest.mark.ray
+def test_epochs_differ_and_seed_reproduces(ham_train):
+    uri, _ = ham_train
+    _, epoch = _stream(uri, 0.0, seed=0)
+    _, again = _stream(uri, 0.0, seed=0)
+    _, other = _stream(uri, 0.0, seed=1)
+    first = [epoch(e) for e in range(2)]
+    for e, (hist, rows) in enumerate(first):
+        hist2, rows2 = again(e)  # another pipeline, same seed: the same epoch, row for row
+        assert np.array_equal(hist, hist2) and np.array_equal(rows, rows2)
+    assert not np.array_equal(first[0][1], first[1][1])  # epochs differ
+    assert not np.array_equal(first[0][1], other(0)[1])  # seeds differ
