@@ -11,6 +11,8 @@ the same bytes and apply the same transform (``build_transform(kind, 224)``), an
   local_shuffle_buffer_size=...)``), the setting engines use; Ray with ``--cpus`` CPUs.
 - ``ltcore_q0``: the same with class-balanced resampling (q = 0), re-drawn every epoch.
 - ``ltcore_f32``: ``build_dataset()`` with its default float32 rows (normalised in the decode tasks); same output.
+- ``ltcore_cut``: ``ltcore`` with the shards always cut into decode-sized blocks (``build_dataset(cut=True)``), the
+  layout a split with too few shards for the CPUs gets.
 
 Protocol: every reader is built once and runs one warm-up epoch (process start, imports); then ``--rounds``
 rounds each run one epoch of every reader, in a rotating order, so that load from other processes on a shared
@@ -52,7 +54,7 @@ from ltcore.data.transforms import build_transform, decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "ham10000"
-READERS = ("dataloader", "ltcore", "ltcore_q0", "ltcore_f32")
+READERS = ("dataloader", "ltcore", "ltcore_q0", "ltcore_f32", "ltcore_cut")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -111,11 +113,12 @@ def make_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[[int]
                                          persistent_workers=True, generator=torch.Generator().manual_seed(0))
     readers: dict[str, Callable[[int], Iterable[dict[str, Any]]]] = {"dataloader": lambda epoch: loader}
 
-    def ltcore_reader(q: float | None, normalize: bool) -> Callable[[int], Iterable[dict[str, Any]]]:
+    def ltcore_reader(q: float | None, normalize: bool, cut: bool | None = None
+                      ) -> Callable[[int], Iterable[dict[str, Any]]]:
         clock = EpochClock()
         spec = IngestSpec(split="train", views=(args.kind,), image_size=args.image_size, q=q, seed=0, shuffle=True)
         ds = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=args.decode_batch_size,
-                           normalize=normalize)
+                           normalize=normalize, cut=cut)
 
         def epoch_batches(epoch: int) -> Iterable[dict[str, Any]]:
             clock.set_epoch(epoch)
@@ -127,6 +130,7 @@ def make_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[[int]
     readers["ltcore"] = ltcore_reader(None, False)
     readers["ltcore_q0"] = ltcore_reader(0.0, False)
     readers["ltcore_f32"] = ltcore_reader(None, True)
+    readers["ltcore_cut"] = ltcore_reader(None, False, cut=True)
     if args.breakdown:
         readers |= breakdown_readers(uri, args)
     return readers
@@ -136,7 +140,7 @@ def breakdown_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[
     """The plain ltcore reader cut after each step, to see where an epoch's time goes (``--breakdown``).
 
     ``read``: the shard-read tasks of ``build_dataset`` alone (rows of encoded bytes, shuffled per shard);
-    ``read_cut``: + the streaming repartition into decode-sized blocks; ``decoded``: the whole ``build_dataset``
+    ``decoded``: the whole ``build_dataset``
     (uint8 rows) consumed with ``iter_batches`` (no torch conversion, no normalisation); ``torch``: +
     ``iter_torch_batches`` with the normalising collate, no shuffle buffer. The ``ltcore`` reader adds the
     consumer's local shuffle buffer to that.
@@ -152,9 +156,8 @@ def breakdown_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[
                    "s3": storage.S3Options().resolved()}
     read = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
     read = read.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=0, reseed_after_execution=True))
-    read = read.map_batches(ingest._read_shards, batch_size=None, batch_format="pyarrow", num_cpus=1.0,
-                            fn_kwargs=read_kwargs)
-    cut = read.repartition(target_num_rows_per_block=args.decode_batch_size)
+    read = read.map_batches(ingest._read_shards, batch_size=None, batch_format="pyarrow",
+                            num_cpus=ingest.READ_CPU_SHARE, fn_kwargs=read_kwargs)
     full = build_dataset(uri, spec, epoch_source=clock, num_cpus=1.0, decode_batch_size=args.decode_batch_size,
                          normalize=False)
 
@@ -167,7 +170,6 @@ def breakdown_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[
 
     return {
         "read": reader(lambda: read.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")),
-        "read_cut": reader(lambda: cut.iter_batches(batch_size=args.batch_size, batch_format="pyarrow")),
         "decoded": reader(lambda: full.iter_batches(batch_size=args.batch_size)),
         "torch": lambda epoch: (clock.set_epoch(epoch), full.iter_torch_batches(
             batch_size=args.batch_size, collate_fn=normalize_collate_fn()))[1],
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=5, help="timed epochs per reader, interleaved across readers")
     p.add_argument("--work-dir", type=Path, default=None, help="where the dataset version goes (default: temp)")
     p.add_argument("--breakdown", action="store_true",
-                   help="also time the ltcore reader cut after each step (read, repartition, decode, torch)")
+                   help="also time the ltcore reader cut after each step (read, decode, torch)")
     p.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "ingest.json")
     args = p.parse_args(argv)
     if not (args.data / "HAM10000_metadata.csv").exists():
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_ltcore_over_dataloader": rate["ltcore"] / rate["dataloader"],
         "ratio_rebalanced_over_plain": rate["ltcore_q0"] / rate["ltcore"],
         "ratio_ltcore_f32_over_dataloader": rate["ltcore_f32"] / rate["dataloader"],
+        "ratio_ltcore_cut_over_dataloader": rate["ltcore_cut"] / rate["dataloader"],
         "cpu_ratio_dataloader_over_ltcore": cost["dataloader"] / cost["ltcore"],
         "targets": {"ltcore_over_dataloader": 1.0, "rebalanced_over_plain": 0.95},
         "epochs": epochs,
@@ -306,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          f"{result['ratio_rebalanced_over_plain']:.2f} vs plain ltcore (target >= 0.95)"),
         ("ltcore_f32", "ltcore ingest, float32 rows (build_dataset default)",
          f"{result['ratio_ltcore_f32_over_dataloader']:.2f} vs DataLoader"),
+        ("ltcore_cut", "ltcore ingest, shards cut into decode-sized blocks (cut=True)",
+         f"{result['ratio_ltcore_cut_over_dataloader']:.2f} vs DataLoader"),
     ]
     rows += [(k, f"breakdown: {k}", f"{rate['dataloader'] / rate[k]:.2f}x the DataLoader's epoch time")
              for k in names if k not in READERS]

@@ -11,9 +11,11 @@ Per epoch, the Ray pipeline is::
     -> randomize_block_order                shard order changes every execution (shuffle=True)
     -> map_batches(read + resample)         one task per Parquet shard: id, image (encoded bytes), label; each
                                             row repeated r_i times, r_i drawn per (seed, epoch, row id); rows
-                                            permuted inside the shard (shuffle=True)
-    -> repartition(rows per block)          small blocks, so decoding spreads over all CPUs
-    -> map_batches(decode + augment)        image (3, S, S) [, image2], label int64
+                                            permuted inside the shard (shuffle=True). A tenth of a decode task's
+                                            CPUs: reading is cheap (or waits on object storage), and a full CPU
+                                            would keep a decode task off the CPU meanwhile
+    [-> repartition(rows per block)]        only when the split has too few shards to keep every decode slot busy
+    -> map_batches(decode + augment)        image (3, S, S) [, image2], label int64; one task per block
 
 and the consumer adds a local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``). There is
 no global all-to-all shuffle and no per-class branch: one pass over the rows per epoch. Batches mix shards only
@@ -22,8 +24,8 @@ whose shards are sorted by class gives class-clustered batches).
 
 Rows are float32 normalised images by default. With ``normalize=False`` they stay uint8 and the consumer
 normalises (``collate_fn=normalize_collate_fn()``, or :func:`~ltcore.data.transforms.normalize_images` on the GPU):
-the same numbers, a quarter of the bytes through Ray's object store. On 2 CPUs at 224 px that is the difference
-between ~0.7x and ~1x a torch DataLoader's throughput (``benchmarks/README.md``), so engines should use it.
+the same numbers, a quarter of the bytes through Ray's object store and about 0.5 ms less CPU per image at 224 px
+(``benchmarks/README.md``), so engines use it.
 
 **Epochs are explicit.** Ray Data re-executes the pipeline each time a Train worker iterates its shard again,
 but it tells a UDF which execution it is in only through a private attribute, which also counts other
@@ -80,6 +82,7 @@ from ltcore.data import sampling
 from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, KINDS, build_transform, decode_image, normalize_images
 
 READ_COLUMNS = ["id", "image", "label"]
+READ_CPU_SHARE = 0.1  # CPUs of a shard-read task, as a share of a decode task's
 _Batch = dict[str, np.ndarray]
 # Keys of the per-row random streams derived from (seed, epoch): 0 repeat draws, 1 P x K batches (sampling.py),
 # 2 shuffle order, 10 + v the augmentation of view v.
@@ -384,6 +387,20 @@ def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSourc
                    batch.column("rep").to_numpy(), epoch)
 
 
+def cut_shards(num_shards: int, num_cpus: float) -> bool:
+    """Whether a split of ``num_shards`` shards is cut into smaller blocks before decoding.
+
+    One decode task per shard keeps every decode slot of the cluster (its CPUs / ``num_cpus``) busy when there are
+    at least two shards per slot; with fewer, the last tasks of an epoch would run with most CPUs idle. Without a
+    Ray instance in this process the answer is for one slot.
+    """
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else 1.0
+    slots = max(1, int(cpus // num_cpus)) if num_cpus > 0 else 1
+    return num_shards < 2 * slots
+
+
 def build_dataset(
     manifest: Any,
     spec: IngestSpec,
@@ -393,6 +410,7 @@ def build_dataset(
     decode_batch_size: int = 128,
     s3: storage.S3Options | None = None,
     normalize: bool = True,
+    cut: bool | None = None,
 ) -> Any:
     """The split as a ``ray.data.Dataset`` of rows ``image`` ``(3, S, S)`` [, ``image2``], ``label`` int64.
 
@@ -401,12 +419,15 @@ def build_dataset(
         spec: views, sampling and shuffling (:class:`IngestSpec`).
         epoch_source: where tasks learn the epoch: an :class:`EpochClock` (Ray Train: workers set it each
             epoch) or a fixed ``int``. Required when the stream is random (resampling or non-test views).
-        num_cpus: CPUs per read / resample / decode task. Fractions let data tasks run beside Train workers.
-        decode_batch_size: rows per decode task (also the block size decoding is spread over); 128 measured
-            best at 224 px on 2 CPUs (fewer, larger tasks; still 16 tasks for 2,000 images).
+        num_cpus: CPUs per decode task (read tasks take ``READ_CPU_SHARE`` of it). Fractions let data tasks run
+            beside Train workers.
+        decode_batch_size: rows per decode batch inside a task, and the block size a split with few shards is cut
+            into (:func:`cut_shards`); 128 measured best at 224 px on 2 CPUs.
         s3: S3 endpoint/credentials for ``s3://`` shards; default: the process-wide ones.
         normalize: True: float32 normalised images. False: uint8 images after all random steps; the consumer
             normalises them (``collate_fn=normalize_collate_fn()``), giving the same float32 batches.
+        cut: cut shards into ``decode_batch_size``-row blocks before decoding: None decides by
+            :func:`cut_shards` (the number of shards against the cluster's decode slots); True/False force it.
 
     Returns:
         A lazy ``ray.data.Dataset``; each execution (each epoch a Train worker iterates its shard) re-draws.
@@ -431,9 +452,12 @@ def build_dataset(
     # S3 settings resolved here, so that tasks use the driver's endpoint whatever their environment holds.
     read_kwargs = {"spec": spec, "counts": version.counts, "epoch_source": epoch_source,
                    "s3": (s3 or storage.S3Options()).resolved()}
-    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus, fn_kwargs=read_kwargs)
-    # A shard is one block of up to thousands of rows: cut it so decoding (the expensive step) runs on every CPU.
-    ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus * READ_CPU_SHARE,
+                        fn_kwargs=read_kwargs)
+    if cut_shards(len(version.shards), num_cpus) if cut is None else cut:
+        # Too few shards for the decode slots: cut them into decode-sized blocks. The streaming repartition costs
+        # throughput (~15% at 224 px on 2 CPUs, benchmarks/README.md), so splits with enough shards skip it.
+        ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
                           udf_modifying_row_count=False)
@@ -557,6 +581,7 @@ __all__ = [
     "EpochClock",
     "IngestSpec",
     "build_dataset",
+    "cut_shards",
     "epoch_histogram",
     "iter_epoch_local",
     "planned_draws",

@@ -13,6 +13,7 @@ from ltcore.data.ingest import (
     EpochClock,
     IngestSpec,
     build_dataset,
+    cut_shards,
     epoch_histogram,
     iter_epoch_local,
     normalize_batch,
@@ -204,10 +205,18 @@ def _row_fingerprints(batches):
 
 
 @pytest.mark.ray
-def test_ray_dataset_matches_local_and_redraws_per_epoch(ray_session, fake_version):
+def test_cut_shards_by_decode_slots(ray_session):
+    # the session's Ray has 2 CPUs: 2 slots of 1 CPU, 4 of 0.5; a split is cut below 2 shards per slot
+    assert cut_shards(3, 1.0) and not cut_shards(4, 1.0)
+    assert cut_shards(7, 0.5) and not cut_shards(8, 0.5)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "shard-blocks"])
+def test_ray_dataset_matches_local_and_redraws_per_epoch(ray_session, fake_version, cut):
     spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=5)
     clock = EpochClock()
-    ds = build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5, decode_batch_size=4)
+    ds = build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5, decode_batch_size=4, cut=cut)
     hists = []
     for epoch in (0, 1):
         clock.set_epoch(epoch)
