@@ -10,11 +10,11 @@ one line, writes nothing and exits 0.
 Protocol. One dataset version from ``ham10000.yaml`` at ``--image-size`` (224) px shorter side
 (``data.limit=--images``, 0 = all 10,015 images), its train split. One process, no Ray Train: the split as a
 Ray Data dataset from :func:`ltcore.data.ingest.build_dataset` (the ``weak`` view, instance sampling, shuffled;
-read -> repartition -> decode + transform in Ray tasks of ``--data-cpus`` CPUs each, as many in parallel as the
-local Ray's CPUs allow), consumed with ``Dataset.iter_torch_batches(batch_size=..., device="cuda",
-prefetch_batches=..., local_shuffle_buffer_size=...)`` straight into the training step. Epochs as in training:
-an :class:`~ltcore.data.ingest.EpochClock` is set before each pass over the split and each pass is a new Ray Data
-execution, so the timed window includes the epoch boundaries it crosses (``--epoch-size`` streams that many
+read -> [repartition, for splits with few shards] -> decode + transform in Ray tasks of ``--data-cpus`` CPUs each,
+as many in parallel as the local Ray's CPUs allow), consumed with ``Dataset.iter_torch_batches(batch_size=...,
+device="cuda", prefetch_batches=..., local_shuffle_buffer_size=...)`` straight into the training step. Epochs as in
+training: an :class:`~ltcore.data.ingest.EpochClock` is set before each pass over the split and each pass is a new
+Ray Data execution, so the timed window includes the epoch boundaries it crosses (``--epoch-size`` streams that many
 rows per pass instead, to measure steady state). With ``--ingest-dtype uint8`` (default) the Ray tasks ship
 uint8 images (a quarter of the bytes) and the step normalises them on the GPU (``normalize_images``, the
 transform's last op); ``float32`` ships the transform's normalised output as the Train loops consume it now.

@@ -16,9 +16,9 @@ the same bytes and apply the same transform (``build_transform(kind, 224)``), an
 
 Protocol: every reader is built once and runs one warm-up epoch (process start, imports); then ``--rounds``
 rounds each run one epoch of every reader, in a rotating order, so that load from other processes on a shared
-machine falls on all readers alike. Per epoch we record images delivered, wall time, and the CPU time of this
-process and all its descendants (Ray's raylet and workers, DataLoader workers): images/s is contended
-throughput; CPU ms per image is what the reader costs, whatever else runs. The medians over rounds are
+machine falls on all readers alike. Per epoch we record images delivered, wall time, and the busy CPU time of the
+machine (``/proc/stat``: this process, Ray's raylet and workers, DataLoader workers): images/s is contended
+throughput; CPU ms per image is what the reader costs while nothing else runs. The medians over rounds are
 reported, with ratios of the medians. Results go to ``benchmarks/results/ingest.json``; a markdown table is
 printed.
 
@@ -180,35 +180,21 @@ def breakdown_readers(uri: str, args: argparse.Namespace) -> dict[str, Callable[
 # measurement
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time (user + system) of ``root`` and all its live descendants, from /proc."""
-    parent: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # exited meanwhile
-        pid = int(entry)
-        parent[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-    total, stack = 0.0, [root]
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parent.items():
-        children.setdefault(ppid, []).append(pid)
-    while stack:
-        pid = stack.pop()
-        total += cpu.get(pid, 0.0)
-        stack.extend(children.get(pid, []))
-    return total
+def machine_cpu_seconds() -> float:
+    """Busy CPU time of the whole machine so far (user, nice, system, irq, softirq, steal), from /proc/stat.
+
+    Machine-wide rather than per process tree: Ray starts and reaps worker processes during an epoch, and a process
+    that exits between two readings would take its CPU time out of a tree's total (negative readings were seen).
+    Anything else running counts too; the load average printed per epoch shows when that was the case.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICK
 
 
 def time_epoch(batches: Iterable[dict[str, Any]], epoch: int) -> dict[str, float]:
-    me = os.getpid()
-    c0, t0 = tree_cpu_seconds(me), time.perf_counter()
+    c0, t0 = machine_cpu_seconds(), time.perf_counter()
     n, first = 0, None
     for batch in batches:
         assert "image" not in batch or batch["image"].dtype == torch.float32
@@ -216,7 +202,7 @@ def time_epoch(batches: Iterable[dict[str, Any]], epoch: int) -> dict[str, float
             first = time.perf_counter() - t0
         n += len(batch["label"])
     wall = time.perf_counter() - t0
-    cpu = tree_cpu_seconds(me) - c0
+    cpu = machine_cpu_seconds() - c0
     return {"epoch": epoch, "images": n, "seconds": wall, "images_per_s": n / wall, "cpu_s": cpu,
             "cpu_ms_per_image": 1000 * cpu / n, "first_batch_s": first}
 

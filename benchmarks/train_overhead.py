@@ -23,7 +23,7 @@ Ray Data's first execution). For Ray Train it is the loop's own per-epoch ``trai
 every epoch from ``Result.metrics_dataframe`` (Ray Train v2 keeps the metrics of the kept checkpoints, so the
 runs keep one checkpoint per epoch).
 
-What the ratio includes: on the ltcore side, Ray Data ingest (per-epoch re-execution of read -> repartition ->
+What the ratio includes: on the ltcore side, Ray Data ingest (per-epoch re-execution of read -> [repartition] ->
 decode + transform in Ray tasks, the streaming split to the workers, the 256-row local shuffle buffer), the
 EpochClock call, Ray Train's worker loop (one tiny all-reduce per step to keep ranks in step, DDP with 2
 workers, per-step bookkeeping); on the plain side, the DataLoader and the bare loop. Both epoch times exclude

@@ -11,10 +11,10 @@ Per epoch, the Ray pipeline is::
     -> randomize_block_order                shard order changes every execution (shuffle=True)
     -> map_batches(read + resample)         one task per Parquet shard: id, image (encoded bytes), label; each
                                             row repeated r_i times, r_i drawn per (seed, epoch, row id); rows
-                                            permuted inside the shard (shuffle=True). A tenth of a decode task's
-                                            CPUs: reading is cheap (or waits on object storage), and a full CPU
-                                            would keep a decode task off the CPU meanwhile
+                                            permuted inside the shard (shuffle=True)
     [-> repartition(rows per block)]        only when the split has too few shards to keep every decode slot busy
+                                            (:func:`cut_shards`); otherwise the read tasks take a tenth of a decode
+                                            task's CPUs, at most one per decode slot
     -> map_batches(decode + augment)        image (3, S, S) [, image2], label int64; one task per block
 
 and the consumer adds a local shuffle buffer (``iter_torch_batches(local_shuffle_buffer_size=...)``). There is
@@ -387,18 +387,21 @@ def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSourc
                    batch.column("rep").to_numpy(), epoch)
 
 
-def cut_shards(num_shards: int, num_cpus: float) -> bool:
-    """Whether a split of ``num_shards`` shards is cut into smaller blocks before decoding.
-
-    One decode task per shard keeps every decode slot of the cluster (its CPUs / ``num_cpus``) busy when there are
-    at least two shards per slot; with fewer, the last tasks of an epoch would run with most CPUs idle. Without a
-    Ray instance in this process the answer is for one slot.
-    """
+def decode_slots(num_cpus: float) -> int:
+    """How many decode tasks of ``num_cpus`` CPUs the Ray cluster fits at once (1 without a Ray instance here)."""
     import ray
 
     cpus = float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else 1.0
-    slots = max(1, int(cpus // num_cpus)) if num_cpus > 0 else 1
-    return num_shards < 2 * slots
+    return max(1, int(cpus // num_cpus)) if num_cpus > 0 else 1
+
+
+def cut_shards(num_shards: int, num_cpus: float) -> bool:
+    """Whether a split of ``num_shards`` shards is cut into smaller blocks before decoding.
+
+    One decode task per shard keeps every decode slot (:func:`decode_slots`) busy when there are at least two
+    shards per slot; with fewer, the last tasks of an epoch would run with most CPUs idle.
+    """
+    return num_shards < 2 * decode_slots(num_cpus)
 
 
 def build_dataset(
@@ -452,12 +455,19 @@ def build_dataset(
     # S3 settings resolved here, so that tasks use the driver's endpoint whatever their environment holds.
     read_kwargs = {"spec": spec, "counts": version.counts, "epoch_source": epoch_source,
                    "s3": (s3 or storage.S3Options()).resolved()}
-    ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus * READ_CPU_SHARE,
-                        fn_kwargs=read_kwargs)
     if cut_shards(len(version.shards), num_cpus) if cut is None else cut:
-        # Too few shards for the decode slots: cut them into decode-sized blocks. The streaming repartition costs
-        # throughput (~15% at 224 px on 2 CPUs, benchmarks/README.md), so splits with enough shards skip it.
+        # Too few shards for the decode slots: read them with whole decode-task CPUs and cut them into decode-sized
+        # blocks. The streaming repartition costs throughput (benchmarks/README.md), so splits with enough shards
+        # skip it.
+        ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                            fn_kwargs=read_kwargs)
         ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+    else:
+        # One decode task per shard. Read tasks take a small CPU share (cheap work, or waiting on object storage; a
+        # whole CPU would keep a decode task off it) and are capped at one per decode slot: uncapped, that share
+        # lets Ray start a worker process per shard at the start of an epoch (seen: 8-10 processes on 2 CPUs).
+        ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus * READ_CPU_SHARE,
+                            compute=ray.data.TaskPoolStrategy(size=decode_slots(num_cpus)), fn_kwargs=read_kwargs)
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
                           udf_modifying_row_count=False)
@@ -582,6 +592,7 @@ __all__ = [
     "IngestSpec",
     "build_dataset",
     "cut_shards",
+    "decode_slots",
     "epoch_histogram",
     "iter_epoch_local",
     "planned_draws",
