@@ -51,6 +51,7 @@ def prepare_dataset(
     *,
     progress: bool = True,
     s3: storage.S3Options | None = None,
+    check_classes: Callable[[tuple[str, ...]], None] | None = None,
 ) -> tuple[str, bool]:
     """Prepare (or find up to date) the dataset version described by ``cfg``.
 
@@ -58,6 +59,8 @@ def prepare_dataset(
         cfg: the ``data`` section of the config.
         progress: print one line per phase (Ray Data shows its own progress bars per its ``DataContext``).
         s3: S3 endpoint/credentials; default: the process-wide ones (``storage.set_default_s3``, AWS variables).
+        check_classes: called with the source's class names as soon as the source is read, before anything is
+            written or any cluster work starts; raise to stop (e.g. a config value naming an unknown class).
 
     Returns:
         ``(manifest URI, up_to_date)``; ``up_to_date`` is True when the version already existed and nothing was
@@ -77,6 +80,8 @@ def prepare_dataset(
     say(f"prepare {cfg.name!r}: reading source ({cfg.source.kind})")
     table = load_source(cfg.source, on_bad=cfg.on_bad, seed=cfg.seed, s3=s3)
     say(f"prepare: {len(table)} images, {len(table.classes)} classes, {len(table.skipped)} rows skipped")
+    if check_classes is not None:
+        check_classes(table.classes)
     table = _subsample(cfg, table, say)
 
     fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}

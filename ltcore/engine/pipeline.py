@@ -10,6 +10,7 @@ import datetime as _dt
 import os
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import timm
 from ltcore import storage
 from ltcore.config import Config, ConfigError, dump_yaml, to_dict
 from ltcore.data.manifest import Manifest
+from ltcore.data.sources import EMBEDDED_CLASSES
 from ltcore.eval.metrics import compute_metrics
 from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
 from ltcore.eval.report import metrics_table, write_report
@@ -31,7 +33,12 @@ PRED_FILE = "predictions.npz"
 
 
 def validate(cfg: Config, manifest: Manifest | None = None) -> None:
-    """Config checks that need no cluster: method names, backbone name, class names named in config."""
+    """Config checks that need no cluster: method names, backbone name, class names named in config.
+
+    Class names (JRCL's ``stage1.loss.normal_class``) are checked against ``manifest`` when given, else against
+    the classes known before prepare (:func:`known_classes`); ``ensure_dataset`` checks the rest as soon as
+    prepare has read the source.
+    """
     if cfg.stage1.method not in stage1_methods():
         choices = ", ".join(stage1_methods())
         raise ConfigError(f"stage1.method: {cfg.stage1.method!r} is not valid; choose one of {choices}")
@@ -52,11 +59,49 @@ def validate(cfg: Config, manifest: Manifest | None = None) -> None:
         # A name check only: building the network here would cost seconds for large backbones.
         raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is neither an ltcore backbone "
                           f"({', '.join(list_backbones())}) nor a timm model; see timm.list_models('resnet*')")
+    known = (manifest.name, manifest.classes) if manifest is not None else known_classes(cfg)
+    check_class_names(cfg, *(known or (cfg.data.name, None)))
     if manifest is not None:
         empty = [c for c, n in zip(manifest.classes, manifest.class_counts("train")) if n == 0]
         if empty:
             raise ConfigError(f"dataset {manifest.name!r} has no training images for class(es) {', '.join(empty)}; "
                               "lower data.imbalance_factor or add images")
+
+
+def known_classes(cfg: Config) -> tuple[str, tuple[str, ...]] | None:
+    """``(dataset name, class names)`` where they are known without preparing the dataset, else None.
+
+    ``dataset`` set: read from its manifest (one small file). Otherwise ``data.source.classes`` when listed, or
+    the embedded digits' fixed classes. A table or image-folder source that lists no classes is only known once
+    prepare has read it. Only JRCL needs class names before training, so for other methods nothing is read.
+    """
+    if cfg.stage1.method != "jrcl":
+        return None
+    if cfg.dataset:
+        m = Manifest.load(cfg.dataset)
+        return m.name, m.classes
+    if cfg.data.source.classes:
+        return cfg.data.name, tuple(cfg.data.source.classes)
+    if cfg.data.source.kind == "embedded":
+        return cfg.data.name, EMBEDDED_CLASSES
+    return None
+
+
+def check_class_names(cfg: Config, dataset: str, classes: Sequence[str] | None) -> None:
+    """Config values that name a class must name one of ``classes`` (None = not known yet: only emptiness).
+
+    Raises:
+        ConfigError: JRCL's ``stage1.loss.normal_class`` is empty or not a class of the dataset.
+    """
+    if cfg.stage1.method != "jrcl":
+        return
+    name = cfg.stage1.loss.normal_class
+    choices = "" if classes is None else f"; choose one of {', '.join(map(str, classes))}"
+    if not name:
+        raise ConfigError(f"stage1.loss.normal_class is empty; stage1.method=jrcl needs the dataset's normal "
+                          f"class{choices}")
+    if classes is not None and name not in classes:
+        raise ConfigError(f"stage1.loss.normal_class: {name!r} is not a class of dataset {dataset!r}{choices}")
 
 
 def new_run_id() -> str:
@@ -97,7 +142,9 @@ def ensure_dataset(cfg: Config, log: Any = print) -> str:
         return cfg.dataset
     from ltcore.data.prepare import prepare_dataset
 
-    uri, _up_to_date = prepare_dataset(cfg.data)
+    # Class names in the config are checked as soon as prepare has read the source, before it writes anything.
+    uri, _up_to_date = prepare_dataset(cfg.data, check_classes=lambda classes: check_class_names(
+        cfg, cfg.data.name, classes))
     return uri
 
 
