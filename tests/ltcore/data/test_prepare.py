@@ -174,6 +174,25 @@ def test_corrupt_image_skip_is_listed(ray_session: None, tmp_path: Path) -> None
 
 
 @pytest.mark.ray
+def test_source_rows_skipped_are_listed(ray_session: None, tmp_path: Path) -> None:
+    # under on_bad=skip, rows the source check drops (before decoding) are listed in the manifest with their reason
+    extra = [{"image_id": "x98", "dx": "zzz", "lesion_id": "L98"},  # unknown label
+             {"image_id": "x99", "dx": "a", "lesion_id": "L99"},  # no image file
+             {"image_id": "a01", "dx": "b", "lesion_id": "L97"}]  # duplicate id
+    src = _table_set(tmp_path / "src", extra_rows=extra)
+    src = SourceConfig(**{**src.__dict__, "classes": ("a", "b", "c")})
+    cfg = DataConfig(name="toy", source=src, output=str(tmp_path / "out"), image_size=8, on_bad="skip")
+    m = Manifest.load(prepare_dataset(cfg, progress=False)[0])
+    reasons = {s["id"]: s["reason"] for s in m.skipped}
+    assert set(reasons) == {"x98", "x99", "a01"}, m.skipped
+    assert "'zzz' is not a known class" in reasons["x98"] and "image file" in reasons["x99"]
+    assert "duplicate id" in reasons["a01"]
+    assert sum(m.num_rows(s) for s in m.splits) == 22  # the 22 good rows, the first a01 among them
+    ids = [i for s in m.splits for i in _read_split(m, s).column("id").to_pylist()]
+    assert sorted(ids) == sorted(set(ids)) and "x98" not in ids and "x99" not in ids
+
+
+@pytest.mark.ray
 def test_rerun_after_crash_clears_stale_shards(ray_session: None, tmp_path: Path) -> None:
     cfg = DataConfig(name="toy", source=_table_set(tmp_path / "src"), output=str(tmp_path / "out"), image_size=8)
     uri, _ = prepare_dataset(cfg, progress=False)
