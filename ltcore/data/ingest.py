@@ -467,7 +467,8 @@ def build_dataset(
         # whole CPU would keep a decode task off it) and are capped at one per decode slot: uncapped, that share
         # lets Ray start a worker process per shard at the start of an epoch (seen: 8-10 processes on 2 CPUs).
         ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus * READ_CPU_SHARE,
-                            compute=ray.data.TaskPoolStrategy(size=decode_slots(num_cpus)), fn_kwargs=read_kwargs)
+                            compute=ray.data.TaskPoolStrategy(size=min(decode_slots(num_cpus), len(version.shards))),
+                            fn_kwargs=read_kwargs)
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
                           udf_modifying_row_count=False)
