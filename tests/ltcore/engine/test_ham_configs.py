@@ -4,8 +4,9 @@
 smoke=True)`` then ``run_two_stage``; the tests do the same in-process on the shared 2-CPU Ray, with the data paths
 pointed at ``../shared/data/ham10000`` and the outputs at a temporary folder. The smoke settings keep 300 images
 (stratified), one epoch of 2 steps per stage. All configs share one prepared version (same data section, so the
-second and later runs find it up to date). The composed config (SPMix + JRCL + ICC, the most parts at once) runs
-in ``make test``; the others are ``slow`` (``make test-all``): each is a minute or two here.
+second and later runs find it up to date). All are ``slow`` (``make test-all``): each is 2-4 minutes here, and
+``make test`` must stay under 20 minutes; every method's smoke run on 2 workers is in ``make test`` through
+``test_engine.py::test_method_smoke_two_workers`` (the demo data with the same method settings).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def test_every_method_has_a_config():
     assert {"proco", "metric", "jrcl", "lmd", "spmix", "composed", "ce", "ce_crt"} <= set(CONFIGS)
 
 
-@pytest.mark.parametrize("method", [m if m == "composed" else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in CONFIGS])
+@pytest.mark.slow
+@pytest.mark.parametrize("method", CONFIGS)
 def test_ham_config_smoke_two_workers(ray_session, ham10000_dir: Path, ham_outputs: Path, tmp_path: Path,
                                       method: str) -> None:
     from ltcore import cli
