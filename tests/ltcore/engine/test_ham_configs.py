@@ -4,7 +4,7 @@
 smoke=True)`` then ``run_two_stage``; the tests do the same in-process on the shared 2-CPU Ray, with the data paths
 pointed at ``../shared/data/ham10000`` and the outputs at a temporary folder. The smoke settings keep 300 images
 (stratified), one epoch of 2 steps per stage. All configs share one prepared version (same data section, so the
-second and later runs find it up to date). All are ``slow`` (``make test-all``): each is 2-4 minutes here, and
+second and later runs find it up to date). All are ``slow`` (``make test-all``): each is 1-4 minutes here, and
 ``make test`` must stay under 20 minutes; every method's smoke run on 2 workers is in ``make test`` through
 ``test_engine.py::test_method_smoke_two_workers`` (the demo data with the same method settings).
 """
