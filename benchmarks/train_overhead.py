@@ -130,7 +130,7 @@ def run_plain(cfg: Config, manifest: Manifest) -> list[dict[str, float]]:
 
 def run_ray(cfg: Config, manifest_uri: str, manifest: Manifest, storage_root: str) -> tuple[list[dict], float]:
     """Per-epoch metrics of one stage-1 Ray Train run, and the run's wall time (``fit``) in seconds."""
-    from ltcore.engine.pipeline import new_run_id
+    from ltcore.engine.runs import new_run_id
     from ltcore.engine.trainer import run_stage1
 
     run_uri = storage.join(storage.normalize(storage_root), "runs", f"overhead-{cfg.train.num_workers}w-{new_run_id()}")

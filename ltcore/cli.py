@@ -58,6 +58,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run an entry point; expected errors become one line on stderr and exit code 2, no traceback."""
+    from ltcore.engine.runs import RunError
     from ltcore.storage import StorageError
 
     try:
@@ -65,6 +66,9 @@ def run_main(fn: Callable[[], int | None]) -> None:
     except (ConfigError, StorageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:  # failed while training: one line, the traceback is in the run's error.log
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if e.bad_input else 1)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)

@@ -58,6 +58,9 @@ class DataConfig:
     on_bad: Literal["fail", "skip"] = "fail"  # missing/corrupt images and unknown labels
     rows_per_shard: int = 2000
     limit: int = 0  # keep only this many rows (stratified by class), 0 = all; for smoke tests
+    # A class with fewer images than this in the source is an error (a typo'd label is a class of one image);
+    # 0 = one image for each split with a non-zero fraction.
+    min_class_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,10 @@ class EvalConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     s3_endpoint_url: str = ""  # empty = AWS_ENDPOINT_URL
-    s3_access_key: str = ""
-    s3_secret_key: str = ""
+    # Secrets: never written to config.yaml, report.json or logs (``to_dict(redact=True)``); prefer the
+    # AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables.
+    s3_access_key: str = field(default="", metadata={"secret": True})
+    s3_secret_key: str = field(default="", metadata={"secret": True})
     s3_region: str = ""
 
 
@@ -275,12 +280,17 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (lists for tuples), the form written to ``config.yaml``."""
+REDACTED = "<redacted>"
+
+
+def to_dict(cfg: Any, *, redact: bool = False) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples). ``redact=True``: secret fields (``metadata={"secret": True}``) that
+    are set read :data:`REDACTED`; that is the form written to ``config.yaml``, ``report.json`` and logs."""
 
     def conv(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
-            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {f.name: REDACTED if redact and f.metadata.get("secret") and getattr(v, f.name)
+                    else conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, tuple):
             return [conv(x) for x in v]
         return v
@@ -373,7 +383,20 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, cls
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML, secrets redacted."""
+    return yaml.safe_dump(to_dict(cfg, redact=True), sort_keys=False)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``: dotted keys, as overrides name them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -164,6 +164,29 @@ def check_bucket(uri: str, s3: S3Options | None = None) -> None:
                            "AWS_ENDPOINT_URL / credentials (storage.s3_* in config)") from None
 
 
+def check_writable(uri: str, s3: S3Options | None = None) -> None:
+    """Raise StorageError unless files can be written under the folder ``uri``; creates nothing that stays.
+
+    Local: the nearest existing ancestor must be a writable folder (nothing is created). Object stores: the bucket
+    must exist and a probe object is put and removed.
+    """
+    if is_local(uri):
+        path = local_path(uri)
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise StorageError(f"cannot write under {uri!r}: {probe!r} is a file, not a folder")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise StorageError(f"cannot write under {uri!r}: no write permission on {probe!r}; choose another "
+                               "location or fix its permissions")
+        return
+    check_bucket(uri, s3)
+    probe_uri = join(uri, f".write-probe-{uuid.uuid4().hex[:8]}")
+    write_bytes(probe_uri, b"", s3)
+    remove(probe_uri, s3=s3)
+
+
 def exists(uri: str, s3: S3Options | None = None) -> bool:
     fs, path = fsspec_fs(uri, s3)
     return bool(fs.exists(path))

@@ -24,9 +24,9 @@ def main() -> int:
 
     storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
                                              cfg.storage.s3_secret_key, cfg.storage.s3_region))
-    validate(cfg)  # fail on a bad config before Ray starts
-    cli.init_ray()
-    uri = run_two_stage(cfg)
+    validate(cfg)  # fail on a bad config before anything is read
+    # Ray starts once the run folder, the data and the config have been checked (run_two_stage's order).
+    uri = run_two_stage(cfg, start_cluster=cli.init_ray)
     print(f"report: {uri}", flush=True)
     return 0
 

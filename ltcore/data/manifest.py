@@ -55,6 +55,7 @@ class Manifest:
     skipped: list[dict[str, str]] = field(default_factory=list)  # [{"id", "reason"}] under on_bad=skip
     prepare_config: dict[str, Any] = field(default_factory=dict)
     created: str = ""  # ISO 8601 UTC
+    shard_sizes: dict[str, int] = field(default_factory=dict)  # shard URI -> bytes (checked when a version is reused)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -115,6 +116,38 @@ class Manifest:
             return cls.from_json(text)
         except ValueError as e:
             raise ValueError(f"{uri}: {e}") from None
+
+
+def verify_shards(manifest: Manifest, uri: str, s3: storage.S3Options | None = None) -> None:
+    """Check that every shard the manifest lists is there, with the size it was written with (one listing per
+    split folder, no shard is read).
+
+    Raises:
+        ValueError: a shard is missing or has another size (one line naming it and how many more).
+    """
+    bad: list[str] = []
+    listings: dict[str, dict[str, Any]] = {}
+    for shard in (u for split in manifest.splits for u in manifest.shards.get(split, [])):
+        fs, path = storage.fsspec_fs(shard, s3)
+        folder = path.rsplit("/", 1)[0]
+        if folder not in listings:
+            try:
+                listings[folder] = {str(p).rstrip("/"): i for p, i in fs.find(folder, detail=True).items()}
+            except FileNotFoundError:
+                listings[folder] = {}
+            except Exception as e:
+                raise storage.StorageError(f"cannot list the shards of dataset {uri!r}: {type(e).__name__}: "
+                                           f"{e}") from None
+        info = listings[folder].get(path.rstrip("/"))
+        want = manifest.shard_sizes.get(shard)
+        if info is None:
+            bad.append(f"{shard} is missing")
+        elif want is not None and int(info.get("size", -1)) != int(want):
+            bad.append(f"{shard} has {info.get('size')} bytes, {want} were written")
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"dataset version {uri!r} is damaged: {bad[0]}{more}; prepare it again (rerun "
+                         "prepare_data.py with its config: a damaged version is rebuilt) or restore the files")
 
 
 def version_uri(output: str, name: str, content_hash: str) -> str:

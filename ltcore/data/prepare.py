@@ -28,6 +28,7 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import os
 import posixpath
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ import numpy as np
 from ltcore import storage
 from ltcore.config import DataConfig, SourceConfig, to_dict
 from ltcore.data import sampling, splits
-from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, version_uri
+from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, verify_shards, version_uri
 from ltcore.data.sources import SourceTable, fingerprints, load_source
 
 JPEG_QUALITY = 95
@@ -82,6 +83,7 @@ def prepare_dataset(
     say(f"prepare: {len(table)} images, {len(table.classes)} classes, {len(table.skipped)} rows skipped")
     if check_classes is not None:
         check_classes(table.classes)
+    _check_class_sizes(cfg, table)
     table = _subsample(cfg, table, say)
 
     fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
@@ -100,15 +102,20 @@ def prepare_dataset(
     version = version_uri(out, cfg.name, h)
     m_uri = manifest_uri(version)
     if storage.exists(m_uri, s3):
-        say(f"dataset version {h} is up to date")
-        return m_uri, True
+        try:
+            verify_shards(Manifest.load(m_uri, s3), m_uri, s3)
+            say(f"dataset version {h} is up to date")
+            return m_uri, True
+        except ValueError as e:
+            # Same content, same shards: rebuild the version; the manifest goes first, so it is never visible
+            # over missing shards again.
+            say(f"{e}: rebuilding it")
+            storage.remove(m_uri, s3=s3)
 
     # No manifest: anything under the version folder is left from a crashed run; start clean, and find out that
     # the output is writable before starting cluster work.
     storage.remove(version, recursive=True, s3=s3)
-    probe = storage.join(version, ".write-probe")
-    storage.write_bytes(probe, b"", s3)
-    storage.remove(probe, s3=s3)
+    storage.check_writable(version, s3)
 
     items = _plan_shards(table, parts, version, cfg.rows_per_shard, cfg.seed)
     say(f"prepare: writing version {h} ({len(items)} shards) to {version}")
@@ -137,10 +144,28 @@ def _check_values(cfg: DataConfig) -> None:
         raise ValueError(f"data.rows_per_shard must be >= 1, got {cfg.rows_per_shard}")
     if cfg.imbalance_factor != 0 and cfg.imbalance_factor < 1:
         raise ValueError(f"data.imbalance_factor must be 0 (off) or >= 1, got {cfg.imbalance_factor}")
+    if cfg.min_class_images < 0:
+        raise ValueError(f"data.min_class_images must be >= 0 (0 = one per split), got {cfg.min_class_images}")
     if cfg.limit < 0:
         raise ValueError(f"data.limit must be >= 0 (0 = all rows), got {cfg.limit}")
     if not cfg.output:
         raise ValueError("data.output is empty; set the URI under which dataset versions are written")
+
+
+def _check_class_sizes(cfg: DataConfig, table: SourceTable) -> None:
+    """Every class has at least ``min_class_images`` images in the source (default: one per split)."""
+    need = cfg.min_class_images or sum(1 for f in (cfg.split.train, cfg.split.val, cfg.split.test) if f > 0)
+    counts = np.bincount(table.labels, minlength=len(table.classes))
+    small = [k for k, n in enumerate(counts) if n < need]
+    if not small:
+        return
+    k = min(small, key=lambda j: (counts[j], j))
+    ids = [table.ids[i] for i in np.flatnonzero(table.labels == k)[:5]]
+    where = f" (id {', '.join(map(repr, ids))})" if ids else ""
+    more = f"; {len(small) - 1} more class(es) are as small" if len(small) > 1 else ""
+    raise ValueError(f"class {table.classes[k]!r} has {counts[k]} image(s){where}, fewer than "
+                     f"data.min_class_images={need}{more}: if it is a typo'd label, fix it; list the classes in "
+                     "data.source.classes to catch unknown labels, or lower data.min_class_images")
 
 
 def _resolved(cfg: DataConfig) -> DataConfig:
@@ -226,10 +251,12 @@ def _manifest(cfg: DataConfig, table: SourceTable, h: str, prepare_config: dict[
     c = len(table.classes)
     counts = {s: np.zeros(c, dtype=np.int64) for s in split_names}
     shards: dict[str, list[str]] = {s: [] for s in split_names}
+    sizes: dict[str, int] = {}
     for r in results:
         counts[r["split"]] += np.asarray(json.loads(r["counts"]), dtype=np.int64)
         if int(r["n"]) > 0:
             shards[r["split"]].append(r["uri"])
+            sizes[r["uri"]] = int(r["size"])
     total = int(sum(v.sum() for v in counts.values()))
     if total == 0:
         raise ValueError(f"dataset is empty: all {len(table)} images were skipped as undecodable; check the images")
@@ -250,6 +277,7 @@ def _manifest(cfg: DataConfig, table: SourceTable, h: str, prepare_config: dict[
         skipped=skipped,
         prepare_config=prepare_config,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        shard_sizes=sizes,
     )
 
 
@@ -257,6 +285,10 @@ def _discard(version: str, s3: storage.S3Options | None) -> None:
     """Best effort: remove a failed run's shards (they are invisible anyway without a manifest)."""
     with contextlib.suppress(Exception):  # the original error is the one to report
         storage.remove(version, recursive=True, s3=s3)
+        if storage.is_local(version):  # and the folders made for it, where nothing else is in them
+            for folder in (storage.local_path(version), os.path.dirname(storage.local_path(version))):
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,6 +387,7 @@ def process_shard(item: dict[str, Any], *, root: str, image_size: int, image_for
             bad.append({"id": id_, "uri": where, "reason": reason})
             if on_bad == "fail":
                 return _summary(item, 0, [0] * num_classes, bad)
+    size = 0
     if ids:
         table = pa.table(
             {
@@ -369,14 +402,17 @@ def process_shard(item: dict[str, Any], *, root: str, image_size: int, image_for
         # which always uses multipart uploads.
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        storage.write_bytes(item["uri"], sink.getvalue().to_pybytes(), s3)
+        data = sink.getvalue().to_pybytes()
+        storage.write_bytes(item["uri"], data, s3)
+        size = len(data)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
-    return _summary(item, len(ids), counts, bad)
+    return _summary(item, len(ids), counts, bad, size)
 
 
-def _summary(item: dict[str, Any], n: int, counts: list[int], bad: list[dict[str, str]]) -> dict[str, Any]:
+def _summary(item: dict[str, Any], n: int, counts: list[int], bad: list[dict[str, str]],
+             size: int = 0) -> dict[str, Any]:
     return {"split": item["split"], "shard": int(item["shard"]), "uri": item["uri"], "n": n,
-            "counts": json.dumps(counts), "bad": json.dumps(bad)}
+            "counts": json.dumps(counts), "bad": json.dumps(bad), "size": size}
 
 
 def _first_line(e: BaseException) -> str:

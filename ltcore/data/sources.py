@@ -359,6 +359,20 @@ def _load_imagefolder(source: SourceConfig, *, on_bad: OnBad, s3: storage.S3Opti
     if not files:
         raise ValueError(f"{where} holds no images in class folders; expected <root>/<class>/<image>")
     files.sort()
+    if not source.classes:
+        # A class folder without images would silently drop out of the class list.
+        with_images = {c for _, c in files}
+        try:
+            entries = storage.fsspec_fs(root, s3)[0].ls(fs_root, detail=True)
+        except Exception:
+            entries = []
+        empty = sorted(name for e in entries if e.get("type") == "directory"
+                       and not (name := posixpath.basename(str(e["name"]).rstrip("/"))).startswith(".")
+                       and name not in with_images)
+        if empty:
+            raise ValueError(f"{where}: class folder {empty[0]!r} holds no images"
+                             f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}; add images, remove "
+                             "the folder, or list the classes to use in data.source.classes")
     classes = tuple(source.classes) or tuple(sorted({c for _, c in files}))
     index = {c: k for k, c in enumerate(classes)}
     bad = _Bad(on_bad, where)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 import torch
@@ -51,6 +52,18 @@ def load_uri(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[s
                        weights_only=False)
     meta = storage.read_json(storage.join(uri, META_FILE))
     return state, meta
+
+
+def read_meta(cp: Any) -> dict[str, Any]:
+    """``meta.json`` of a ``ray.train.Checkpoint`` (read through its filesystem; the weights are not fetched)."""
+    with cp.filesystem.open_input_stream(f"{cp.path.rstrip('/')}/{META_FILE}") as f:
+        return json.loads(f.read().decode("utf-8"))  # type: ignore[no-any-return]
+
+
+def new_checkpoint_id() -> str:
+    """Names one saved state: a checkpoint re-reported by a finished run keeps it, so a later stage can tell
+    whether the checkpoint it was built from is still the one it gets."""
+    return uuid.uuid4().hex
 
 
 def check_compatible(meta: dict[str, Any], expected: dict[str, Any], what: str = "checkpoint") -> None:

@@ -348,7 +348,8 @@ def stage1_loop(loop_config: dict[str, Any]) -> None:
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "epoch": epoch, "best": best, "history": history,
                          "sampler": {"seed": cfg.train.seed, "epoch": epoch}}
-                ckpt.save_dir(tmp, state, model_meta(cfg, classes, unwrap(model), "stage1"))
+                meta = model_meta(cfg, classes, unwrap(model), "stage1") | {"checkpoint_id": ckpt.new_checkpoint_id()}
+                ckpt.save_dir(tmp, state, meta)
             if final:
                 # Final predictions on val and test, gathered, saved beside the weights for the report.
                 vp, vy = probs, labels
@@ -381,7 +382,7 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
         icc_loop(loop_config)
         return
 
-    restored = ray.train.get_checkpoint()
+    restored = _stage2_restore(loop_config)
     if restored is not None:
         # Stage 2 reports once, at its end: a checkpoint here means it already finished.
         _log("[stage2] already complete; re-reporting its result")
@@ -419,7 +420,7 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
             metrics.update({f"val_{k}": m[k] for k in ("accuracy", "balanced_accuracy", "macro_f1")})
             tau = f" (tau {res.info['tau']})" if "tau" in res.info else ""
             _log(f"[stage2] {s2.method}: val acc {m['accuracy']:.4f} bal-acc {m['balanced_accuracy']:.4f}{tau}")
-            meta2 = model_meta(cfg, classes, model, "stage2")
+            meta2 = model_meta(cfg, classes, model, "stage2") | {"stage1_checkpoint_id": loop_config["stage1_id"]}
             ckpt.save_dir(tmp, {"model": model.state_dict(), "extra": {}, "epoch": 0, "calibration": res.info}, meta2)
             np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=yva, test_probs=tp, test_labels=yte)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
@@ -428,6 +429,21 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # stage 2, LMD's iterative classifier calibration
+
+
+def _stage2_restore(loop_config: dict[str, Any]) -> ray.train.Checkpoint | None:
+    """Stage 2's checkpoint to resume from, if it was built on the stage-1 checkpoint stage 2 gets now.
+
+    A stage-2 checkpoint made from another stage-1 checkpoint (stage 1 trained on since) is stale: stage 2 reruns.
+    """
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return None
+    made_from = ckpt.read_meta(restored).get("stage1_checkpoint_id")
+    if made_from != loop_config["stage1_id"]:
+        _log("[stage2] its checkpoint was made from an earlier stage-1 model: calibrating again")
+        return None
+    return restored
 
 
 def _load_stage1_model(cfg: Config, classes: list[str], counts: list[int], stage1: ray.train.Checkpoint) -> LTModel:
@@ -460,7 +476,7 @@ def icc_loop(loop_config: dict[str, Any]) -> None:
     c, d = len(classes), model.feat_dim
     ema = ClassGaussians(torch.zeros(c, d), torch.eye(d).repeat(c, 1, 1))
     start = 0
-    restored = ray.train.get_checkpoint()
+    restored = _stage2_restore(loop_config)
     backbone_opt_state = None
     if restored is not None:
         with restored.as_directory() as cdir:
@@ -522,7 +538,8 @@ def icc_loop(loop_config: dict[str, Any]) -> None:
             if dist.is_main():
                 ckpt.save_dir(tmp, {"model": model.state_dict(), "extra": {"ema": ema.state_dict()},
                                     "optimizer": opt.state_dict(), "epoch": rnd},
-                              model_meta(cfg, classes, model, "stage2"))
+                              model_meta(cfg, classes, model, "stage2")
+                              | {"stage1_checkpoint_id": loop_config["stage1_id"]})
                 if final:
                     np.savez(os.path.join(tmp, PRED_FILE), val_probs=vp, val_labels=vy, test_probs=tp, test_labels=ty)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)

@@ -6,11 +6,9 @@ Everything that can be checked before cluster work starts is checked first (``va
 
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,9 +16,10 @@ import ray.train
 import timm
 
 from ltcore import storage
-from ltcore.config import Config, ConfigError, dump_yaml, to_dict
-from ltcore.data.manifest import Manifest
+from ltcore.config import Config, ConfigError, to_dict
+from ltcore.data.manifest import Manifest, verify_shards
 from ltcore.data.sources import EMBEDDED_CLASSES
+from ltcore.engine import runs
 from ltcore.eval.metrics import compute_metrics
 from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
 from ltcore.eval.report import metrics_table, write_report
@@ -104,10 +103,6 @@ def check_class_names(cfg: Config, dataset: str, classes: Sequence[str] | None) 
         raise ConfigError(f"stage1.loss.normal_class: {name!r} is not a class of dataset {dataset!r}{choices}")
 
 
-def new_run_id() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-
-
 def checkpoint_uri(cp: ray.train.Checkpoint) -> str:
     """A URI for a Ray checkpoint (local path, or scheme://path on an object store)."""
     fs_type = type(cp.filesystem).__name__
@@ -137,8 +132,11 @@ def stage_report(cfg: Config, result: ray.train.Result, manifest: Manifest) -> d
     return rep
 
 
-def ensure_dataset(cfg: Config, log: Any = print) -> str:
+def ensure_dataset(cfg: Config) -> str:
+    """The manifest URI of the config's dataset version: ``dataset`` when set, else ``data`` prepared (or found up
+    to date). Either way the version's shards are checked to be all there before it is used."""
     if cfg.dataset:
+        verify_shards(Manifest.load(cfg.dataset), cfg.dataset)
         return cfg.dataset
     from ltcore.data.prepare import prepare_dataset
 
@@ -148,38 +146,48 @@ def ensure_dataset(cfg: Config, log: Any = print) -> str:
     return uri
 
 
-def run_two_stage(cfg: Config, *, log: Any = print) -> str:
-    """Run stage 1 (and stage 2 unless ``stage2.method: none``); returns the report.json URI."""
+def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], None] | None = None) -> str:
+    """Run stage 1 (and stage 2 unless ``stage2.method: none``); returns the report.json URI.
+
+    Order: config checks, the run folder (bucket, writable, a resume continues the same config), the dataset
+    version (prepare, which reads and checks its source before any cluster work; shards checked), then
+    ``start_cluster`` (the entry scripts start or join Ray here) and training. A failure while training is a
+    :class:`runs.RunError`: one line naming the run's ``error.log`` and the command that resumes it.
+    """
     from ltcore.engine.trainer import run_stage1, run_stage2
 
     validate(cfg)
     t_start = time.perf_counter()
-    manifest_uri = ensure_dataset(cfg, log)
+    run = runs.open_run(cfg)
+    manifest_uri = ensure_dataset(cfg)
     manifest = Manifest.load(manifest_uri)
     validate(cfg, manifest)
-
-    run_id = cfg.train.run_id or new_run_id()
-    run_uri = storage.join(storage.normalize(cfg.train.storage), "runs", run_id)
-    storage.check_bucket(run_uri)
-    cfg_file = storage.join(run_uri, "config.yaml")
-    if storage.exists(cfg_file):
-        log(f"run {run_id} exists: resuming it")
-    storage.write_text(cfg_file, dump_yaml(cfg))
-    log(f"run {run_id}: {run_uri}")
+    runs.check_dataset(run, manifest.hash)
+    if start_cluster is not None:
+        start_cluster()
+    runs.record_run(run, cfg, manifest_uri, manifest.hash)
+    run_id, run_uri = run.run_id, run.uri
+    log(f"run {run_id}: {'resuming it' if run.resumed else 'new'}, {run_uri}")
 
     stages: dict[str, Any] = {}
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    r1 = run_stage1(cfg, manifest_uri, manifest, run_uri)
+    try:
+        r1 = run_stage1(cfg, manifest_uri, manifest, run_uri)
+        stages["stage1"] = stage_report(cfg, r1, manifest)
+    except Exception as e:
+        raise runs.fail(cfg, run, "stage 1", e) from e
     timings["stage1_s"] = time.perf_counter() - t
-    stages["stage1"] = stage_report(cfg, r1, manifest)
     final = "stage1"
     if cfg.stage2.method != "none":
         t = time.perf_counter()
         assert r1.checkpoint is not None
-        r2 = run_stage2(cfg, manifest_uri, manifest, run_uri, r1.checkpoint)
+        try:
+            r2 = run_stage2(cfg, manifest_uri, manifest, run_uri, r1.checkpoint)
+            stages["stage2"] = stage_report(cfg, r2, manifest)
+        except Exception as e:
+            raise runs.fail(cfg, run, "stage 2", e) from e
         timings["stage2_s"] = time.perf_counter() - t
-        stages["stage2"] = stage_report(cfg, r2, manifest)
         final = "stage2"
     timings["total_s"] = time.perf_counter() - t_start
 
@@ -190,7 +198,7 @@ def run_two_stage(cfg: Config, *, log: Any = print) -> str:
         "dataset_hash": manifest.hash,
         "classes": list(manifest.classes),
         "class_counts": {s: manifest.class_counts(s) for s in manifest.counts},
-        "config": to_dict(cfg),
+        "config": to_dict(cfg, redact=True),
         "stages": stages,
         "final_stage": final,
         "model": stages[final]["checkpoint"],

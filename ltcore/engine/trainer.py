@@ -20,6 +20,7 @@ from ltcore import storage
 from ltcore.config import Config, ConfigError, to_dict
 from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
 from ltcore.data.manifest import Manifest
+from ltcore.engine.checkpoint import read_meta
 from ltcore.engine.loops import stage1_loop, stage2_loop
 from ltcore.methods.recipes import build_stage1
 
@@ -146,7 +147,9 @@ def stage2_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: E
 
 
 def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
-    return {"cfg": to_dict(cfg), "classes": list(manifest.classes), "train_counts": manifest.class_counts("train")}
+    # Secrets redacted: Ray may persist the loop config; workers reach object storage through the AWS variables.
+    return {"cfg": to_dict(cfg, redact=True), "classes": list(manifest.classes),
+            "train_counts": manifest.class_counts("train")}
 
 
 def _fit(loop: Any, loop_config: dict[str, Any], cfg: Config, run_uri: str, name: str, datasets: dict[str, Any],
@@ -179,6 +182,7 @@ def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
     clock = EpochClock()
     loop_config = _loop_config(cfg, manifest)
     loop_config["stage1_checkpoint"] = stage1_checkpoint
+    loop_config["stage1_id"] = read_meta(stage1_checkpoint).get("checkpoint_id")
     loop_config["epoch_clock"] = clock
     return _fit(stage2_loop, loop_config, cfg, run_uri, "stage2", stage2_datasets(cfg, manifest_uri, manifest, clock),
                 exact=EXACT_SPLITS)
