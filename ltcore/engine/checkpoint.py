@@ -18,6 +18,7 @@ from ltcore import storage
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+PRED_FILE = "predictions.npz"  # the final step's gathered val/test predictions, beside the weights
 # What a model built from config must agree on with a checkpoint to load it.
 COMPAT_KEYS = ("backbone", "classes", "head", "feat_dim", "proj_dim", "aux_binary")
 

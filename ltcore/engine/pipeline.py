@@ -19,6 +19,7 @@ from ltcore import storage
 from ltcore.config import Config, ConfigError, to_dict
 from ltcore.data.manifest import Manifest, verify_shards
 from ltcore.data.sources import EMBEDDED_CLASSES
+from ltcore.engine import checkpoint as ckpt
 from ltcore.engine import runs
 from ltcore.eval.metrics import compute_metrics
 from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
@@ -28,7 +29,6 @@ from ltcore.methods.stage2 import FEATURE_CALIBRATORS
 from ltcore.models import list_backbones
 
 STAGE2_METHODS = ("none", *FEATURE_CALIBRATORS, "icc")
-PRED_FILE = "predictions.npz"
 
 
 def validate(cfg: Config, manifest: Manifest | None = None) -> None:
@@ -114,7 +114,7 @@ def checkpoint_uri(cp: ray.train.Checkpoint) -> str:
 
 
 def load_predictions(cp: ray.train.Checkpoint) -> dict[str, np.ndarray]:
-    with cp.as_directory() as d, np.load(os.path.join(d, PRED_FILE)) as z:
+    with cp.as_directory() as d, np.load(os.path.join(d, ckpt.PRED_FILE)) as z:
         return {k: z[k] for k in z.files}
 
 

@@ -102,7 +102,7 @@ def _epoch_size(cfg: Config, batch_size: int) -> int | None:
 
 def _dataset(manifest_uri: str, spec: IngestSpec, **kwargs: Any) -> Any:
     # uint8 rows (4x fewer bytes through the object store than float32); the loops normalise each batch on the
-    # device it trains on (loops._to_device), which on a GPU is free and cuts the host->device copy by 4x too.
+    # device it trains on (worker.to_device), which on a GPU is free and cuts the host->device copy by 4x too.
     return build_dataset(manifest_uri, spec, normalize=False, **kwargs)
 
 
@@ -166,13 +166,11 @@ def _fit(loop: Any, loop_config: dict[str, Any], cfg: Config, run_uri: str, name
     return trainer.fit()
 
 
-def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str, *,
-               inject_failure: str | None = None) -> ray.train.Result:
-    """Stage 1 as a Ray Train run. ``inject_failure="<epoch>:<marker>"`` (tests) fails rank 0 once."""
+def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str) -> ray.train.Result:
+    """Stage 1 as a Ray Train run."""
     clock = EpochClock()  # the workers set it each epoch; the ingest tasks read it (per-epoch re-draws)
     loop_config = _loop_config(cfg, manifest)
     loop_config["epoch_clock"] = clock
-    loop_config["inject_failure"] = inject_failure
     return _fit(stage1_loop, loop_config, cfg, run_uri, "stage1", stage1_datasets(cfg, manifest_uri, manifest, clock),
                 exact=("val", "test"))
 
