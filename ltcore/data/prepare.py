@@ -238,6 +238,11 @@ def _run_shards(cfg: DataConfig, table: SourceTable, items: list[dict[str, Any]]
     }
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block, hence one task, per shard
     results = ds.map(process_shard, fn_kwargs=kwargs).take_all()  # type: ignore[arg-type]
+    failed = [r for r in results if r.get("error")]
+    if failed:  # nothing is committed: the caller discards the shards
+        more = f" (and {len(failed) - 1} more shards)" if len(failed) > 1 else ""
+        raise storage.StorageError(f"prepare stopped, no dataset version written: {failed[0]['error']}{more}; "
+                                   "rerun the same command once the storage is reachable")
     return sorted(results, key=lambda r: (r["split"], int(r["shard"])))
 
 
@@ -403,7 +408,10 @@ def process_shard(item: dict[str, Any], *, root: str, image_size: int, image_for
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         data = sink.getvalue().to_pybytes()
-        storage.write_bytes(item["uri"], data, s3)
+        try:
+            storage.write_bytes(item["uri"], data, s3)
+        except storage.StorageError as e:  # returned, not raised: Ray Data's wrapper would keep only its traceback
+            return _summary(item, 0, [0] * num_classes, bad) | {"error": str(e)}
         size = len(data)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).tolist()
     return _summary(item, len(ids), counts, bad, size)
@@ -412,7 +420,7 @@ def process_shard(item: dict[str, Any], *, root: str, image_size: int, image_for
 def _summary(item: dict[str, Any], n: int, counts: list[int], bad: list[dict[str, str]],
              size: int = 0) -> dict[str, Any]:
     return {"split": item["split"], "shard": int(item["shard"]), "uri": item["uri"], "n": n,
-            "counts": json.dumps(counts), "bad": json.dumps(bad), "size": size}
+            "counts": json.dumps(counts), "bad": json.dumps(bad), "size": size, "error": ""}
 
 
 def _first_line(e: BaseException) -> str:

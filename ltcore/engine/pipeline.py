@@ -15,7 +15,7 @@ import numpy as np
 import ray.train
 import timm
 
-from ltcore import storage
+from ltcore import config, storage
 from ltcore.config import Config, ConfigError, to_dict
 from ltcore.data.manifest import Manifest, verify_shards
 from ltcore.data.sources import EMBEDDED_CLASSES
@@ -154,46 +154,70 @@ def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], 
     ``start_cluster`` (the entry scripts start or join Ray here) and training. A failure while training is a
     :class:`runs.RunError`: one line naming the run's ``error.log`` and the command that resumes it.
     """
-    from ltcore.engine.trainer import run_stage1, run_stage2
-
-    validate(cfg)
     t_start = time.perf_counter()
+    run, manifest_uri, manifest = open_checked_run(cfg, log=log)
+    if start_cluster is not None:
+        start_cluster()
+    runs.record_run(run, cfg, manifest_uri, manifest.hash)
+    stages, timings = train_stages(cfg, run, manifest_uri, manifest)
+    timings["total_s"] = time.perf_counter() - t_start
+    uri, table = finish_run(cfg, run, manifest_uri, manifest, stages, timings)
+    log(table)
+    return uri
+
+
+def open_checked_run(cfg: Config, *, log: Any = print) -> tuple[runs.Run, str, Manifest]:
+    """Every check that can run before cluster work, in order: the config, the run folder, the dataset version
+    (prepared if needed) against the config and against what a resumed run trained on."""
+    validate(cfg)
     run = runs.open_run(cfg)
     manifest_uri = ensure_dataset(cfg)
     manifest = Manifest.load(manifest_uri)
     validate(cfg, manifest)
+    if run.unfinished and runs.recorded_dataset(run) not in (None, manifest.hash):
+        run = runs.open_run(config.replace(cfg, train=config.replace(cfg.train, run_id=runs.new_run_id())))
     runs.check_dataset(run, manifest.hash)
-    if start_cluster is not None:
-        start_cluster()
-    runs.record_run(run, cfg, manifest_uri, manifest.hash)
-    run_id, run_uri = run.run_id, run.uri
-    log(f"run {run_id}: {'resuming it' if run.resumed else 'new'}, {run_uri}")
+    state = "new" if not run.resumed else "resuming it"
+    if run.unfinished:
+        state = "resuming it: the latest unfinished run of this config (set train.run_id to start another)"
+    log(f"run {run.run_id}: {state}, {run.uri}")
+    return run, manifest_uri, manifest
+
+
+def train_stages(cfg: Config, run: runs.Run, manifest_uri: str,
+                 manifest: Manifest) -> tuple[dict[str, Any], dict[str, float]]:
+    """Stage 1, then stage 2 on its final checkpoint; each stage's report section and the timings."""
+    from ltcore.engine.trainer import run_stage1, run_stage2
 
     stages: dict[str, Any] = {}
     timings: dict[str, float] = {}
     t = time.perf_counter()
     try:
-        r1 = run_stage1(cfg, manifest_uri, manifest, run_uri)
+        r1 = run_stage1(cfg, manifest_uri, manifest, run.uri)
         stages["stage1"] = stage_report(cfg, r1, manifest)
     except Exception as e:
         raise runs.fail(cfg, run, "stage 1", e) from e
     timings["stage1_s"] = time.perf_counter() - t
-    final = "stage1"
     if cfg.stage2.method != "none":
         t = time.perf_counter()
         assert r1.checkpoint is not None
         try:
-            r2 = run_stage2(cfg, manifest_uri, manifest, run_uri, r1.checkpoint)
+            r2 = run_stage2(cfg, manifest_uri, manifest, run.uri, r1.checkpoint)
             stages["stage2"] = stage_report(cfg, r2, manifest)
         except Exception as e:
             raise runs.fail(cfg, run, "stage 2", e) from e
         timings["stage2_s"] = time.perf_counter() - t
-        final = "stage2"
-    timings["total_s"] = time.perf_counter() - t_start
+    return stages, timings
 
+
+def finish_run(cfg: Config, run: runs.Run, manifest_uri: str, manifest: Manifest, stages: dict[str, Any],
+               timings: dict[str, float]) -> tuple[str, str]:
+    """Write the plots and ``report.json`` (last: it marks the run finished); returns its URI and the metrics
+    table."""
+    final = "stage2" if "stage2" in stages else "stage1"
     report = {
-        "run_id": run_id,
-        "run_uri": run_uri,
+        "run_id": run.run_id,
+        "run_uri": run.uri,
         "dataset": manifest_uri,
         "dataset_hash": manifest.hash,
         "classes": list(manifest.classes),
@@ -207,11 +231,10 @@ def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], 
         "throughput_img_s": stages["stage1"]["last_metrics"].get("throughput_img_s"),
     }
     test = stages[final]["test"]
-    plot_confusion(test["confusion_matrix"], list(manifest.classes), storage.join(run_uri, "confusion_matrix.png"))
+    plot_confusion(test["confusion_matrix"], list(manifest.classes), storage.join(run.uri, "confusion_matrix.png"))
     plot_recall_vs_count(test["per_class_recall"], dict(zip(manifest.classes, manifest.class_counts("train"))),
-                         storage.join(run_uri, "recall_vs_count.png"))
-    uri = write_report(run_uri, report)
+                         storage.join(run.uri, "recall_vs_count.png"))
+    uri = write_report(run.uri, report)
     rows = {f"{name} ({cfg.stage1.method if name == 'stage1' else cfg.stage2.method}) test": st["test"]
             for name, st in stages.items()}
-    log(metrics_table(rows))
-    return uri
+    return uri, metrics_table(rows)

@@ -9,7 +9,8 @@ What the folder holds, and when it is written:
   cluster work.
 - ``stage1/``, ``stage2/``: Ray Train's checkpoints.
 - ``error.log``: the traceback of the last failure, if the run failed; ``report.json``: written last, when the run
-  finished. A run folder without ``report.json`` is an unfinished run, resumable by its id.
+  finished. A run folder without ``report.json`` is an unfinished run: resumable by its id, and what a plain rerun
+  of the same config (no ``train.run_id``) continues, newest first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import yaml
 
 from ltcore import storage
 from ltcore.config import Config, ConfigError, dump_yaml, flatten, to_dict
+from ltcore.errors import root_cause
+from ltcore.eval.report import REPORT_NAME
 
 CONFIG_NAME = "config.yaml"
 RUN_NAME = "run.json"
@@ -63,6 +66,7 @@ class Run:
     run_id: str
     uri: str
     resumed: bool  # the folder held this run already (a resume), or it is new
+    unfinished: bool = False  # found as the latest unfinished run of the same config (no train.run_id given)
 
 
 def new_run_id() -> str:
@@ -94,9 +98,13 @@ def open_run(cfg: Config) -> Run:
         storage.StorageError: the storage's bucket does not exist, or the folder cannot be written.
         ConfigError: the run id exists with another config (the message names the keys that differ).
     """
+    storage.check_bucket(run_uri(cfg, "x"))
+    if not cfg.train.run_id:
+        unfinished = latest_unfinished(cfg)
+        if unfinished is not None:
+            return unfinished
     run_id = cfg.train.run_id or new_run_id()
     uri = run_uri(cfg, run_id)
-    storage.check_bucket(uri)
     cfg_file = storage.join(uri, CONFIG_NAME)
     if storage.exists(cfg_file):
         try:
@@ -116,14 +124,42 @@ def open_run(cfg: Config) -> Run:
     return Run(run_id, uri, resumed=False)
 
 
+def latest_unfinished(cfg: Config) -> Run | None:
+    """The newest run under the storage that was started with this config (up to :data:`RESUMABLE_KEYS`) and has
+    no ``report.json``: a plain rerun after a crash continues it instead of starting over."""
+    root = storage.join(storage.normalize(cfg.train.storage), "runs")
+    fs, path = storage.fsspec_fs(root)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True)
+    except FileNotFoundError:
+        return None
+    folders = sorted((str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"),
+                     reverse=True)  # run ids start with their UTC start time: newest first
+    for run_id in folders:
+        uri = run_uri(cfg, run_id)
+        cfg_file = storage.join(uri, CONFIG_NAME)
+        if storage.exists(storage.join(uri, REPORT_NAME)) or not storage.exists(cfg_file):
+            continue
+        try:
+            recorded = yaml.safe_load(storage.read_text(cfg_file)) or {}
+        except yaml.YAMLError:
+            continue
+        if not config_differences(recorded, cfg):
+            return Run(run_id, uri, resumed=True, unfinished=True)
+    return None
+
+
+def recorded_dataset(run: Run) -> str | None:
+    """The hash of the dataset version a run started on (``None``: a new run, or recorded by an older ltcore)."""
+    info_uri = storage.join(run.uri, RUN_NAME)
+    if not run.resumed or not storage.exists(info_uri):
+        return None
+    return storage.read_json(info_uri).get("dataset_hash") or None
+
+
 def check_dataset(run: Run, dataset_hash: str) -> None:
     """A resumed run must train on the dataset version it started with."""
-    if not run.resumed:
-        return
-    info_uri = storage.join(run.uri, RUN_NAME)
-    if not storage.exists(info_uri):
-        return  # recorded by an older ltcore
-    recorded = storage.read_json(info_uri).get("dataset_hash")
+    recorded = recorded_dataset(run)
     if recorded and recorded != dataset_hash:
         raise ConfigError(f"run {run.run_id} was trained on dataset version {recorded}, this config gives "
                           f"{dataset_hash}; rerun it with its data or start a new run (another train.run_id)")
@@ -159,19 +195,3 @@ def fail(cfg: Config, run: Run, stage: str, err: BaseException) -> RunError:
     return RunError(f"run {run.run_id} failed in {stage}: {type(root).__name__}: {first[:300]}; {where}; to resume "
                     f"from its last checkpoint: {rerun_hint(cfg, run)}",
                     bad_input=isinstance(root, ValueError | FileNotFoundError))
-
-
-def root_cause(err: BaseException) -> BaseException:
-    """The innermost error: what a worker raised, not Ray's wrappers around it."""
-    seen: set[int] = set()
-    e: BaseException = err
-    while id(e) not in seen:
-        seen.add(id(e))
-        nxt = getattr(e, "controller_failure", None) or e.__cause__ or getattr(e, "cause", None)
-        errors = getattr(e, "worker_failures", None) or getattr(e, "errors", None)
-        if nxt is None and isinstance(errors, dict) and errors:
-            nxt = next(iter(errors.values()))
-        if not isinstance(nxt, BaseException):
-            break
-        e = nxt
-    return e

@@ -227,6 +227,17 @@ def test_failure_inside_ray_is_one_line_with_log_and_rerun_command(prepared, tmp
     assert "Traceback" in log.read_text()
     assert not (tmp_path / "store" / "runs" / "broken" / "report.json").exists()
 
+    # The data repaired, the plain command (no run id) continues the unfinished run of this config and says so.
+    for uris in manifest["shards"].values():
+        for u in uris:
+            Path(u).write_bytes((version / Path(u).relative_to(copy)).read_bytes())
+    proc, _ = _cli("two_stage.py", *SMOKE, f"dataset={copy / 'manifest.json'}", f"train.storage={tmp_path / 'store'}",
+                   "train.max_failures=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run broken: resuming it: the latest unfinished run of this config" in proc.stdout, proc.stdout[-3000:]
+    assert (tmp_path / "store" / "runs" / "broken" / "report.json").exists()
+    assert [p.name for p in (tmp_path / "store" / "runs").iterdir()] == ["broken"]  # no new run was started
+
 
 def test_failed_decode_leaves_no_dataset_folder(tmp_path):
     overrides = _table_source(tmp_path / "src", {"a": 6, "b": 5}, corrupt="b02")
