@@ -48,6 +48,8 @@ def test_spec_validation():
         IngestSpec(split="train", views=("medium",))
     with pytest.raises(ValueError, match="epoch_size"):
         IngestSpec(split="train", epoch_size=0)
+    with pytest.raises(ValueError, match=r"^IngestSpec.q must be None or in \[0, 1\], got 1.5$"):
+        IngestSpec(split="train", q=1.5)
     spec = IngestSpec(split="val", views=("test",), shuffle=False)
     assert not spec.resamples and not spec.needs_epoch
     assert IngestSpec(split="train", q=0.0).needs_epoch
