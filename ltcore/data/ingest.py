@@ -104,7 +104,7 @@ class IngestSpec:
     views: tuple[str, ...] = field(default=("weak",), metadata=check(
         Check(lambda v: 1 <= len(v) <= 2 and all(k in KINDS for k in v), f"one or two of {', '.join(KINDS)}")))
     image_size: int = field(default=224, metadata=check(ge(8)))  # output side S of every view
-    # p_j ~ n_j^q (ltcore.data.sampling); None = no class rebalancing
+    # p_j ~ n_j^q (ltcore.data.sampling); None = no class rebalancing, the same as 1
     q: float | None = field(default=None, metadata=check(Check(lambda v: v is None or 0 <= v <= 1,
                                                                "None or in [0, 1]")))
     progressive: bool = False  # instance -> class-balanced over total_epochs (Kang et al.); q is then ignored
@@ -119,20 +119,26 @@ class IngestSpec:
         check_fields(self, "IngestSpec.", error=ValueError)
 
     @property
+    def policy(self) -> sampling.StreamSampling:
+        """The stream's class sampling (q = None samples as q = 1)."""
+        return sampling.StreamSampling(q=1.0 if self.q is None else self.q, progressive=self.progressive)
+
+    @property
     def resamples(self) -> bool:
-        """Whether rows are repeated/dropped per epoch (rebalancing or a configured epoch size)."""
-        return self.q is not None or self.progressive or self.epoch_size is not None
+        """Whether rows are repeated/dropped per epoch (rebalancing or a configured epoch size). At q = 1 without
+        an epoch size every row is drawn exactly once (``r_i = 1``), so the draws are skipped."""
+        return not self.policy.is_identity or self.epoch_size is not None
 
     @property
     def needs_epoch(self) -> bool:
-        """Whether the stream's content depends on the epoch (resampling or random augmentation)."""
-        return self.resamples or any(v != "test" for v in self.views)
+        """Whether the stream's content depends on the epoch (sampling, or random augmentation; with q = 1 the row
+        order within a block still changes with the epoch)."""
+        return self.q is not None or self.progressive or self.epoch_size is not None or any(
+            v != "test" for v in self.views)
 
     def probabilities(self, counts: Sequence[int], epoch: int) -> np.ndarray:
         """Class probabilities ``(C,)`` for ``epoch`` (instance-balanced when only ``epoch_size`` is set)."""
-        if self.progressive:
-            return sampling.progressive_probabilities(counts, min(epoch, self.total_epochs), self.total_epochs)
-        return sampling.class_probabilities(counts, 1.0 if self.q is None else self.q)
+        return self.policy.probabilities(counts, epoch, self.total_epochs)
 
 
 @dataclass(frozen=True)

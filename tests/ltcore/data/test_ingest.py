@@ -54,6 +54,10 @@ def test_spec_validation():
     assert not spec.resamples and not spec.needs_epoch
     assert IngestSpec(split="train", q=0.0).needs_epoch
     assert IngestSpec(split="train", views=("test",), epoch_size=10).resamples
+    # q = 1 draws every row once (r_i = 1): no draws to make, but the row order still changes with the epoch
+    q1 = IngestSpec(split="train", views=("test",), q=1.0)
+    assert not q1.resamples and q1.needs_epoch
+    assert IngestSpec(split="train", views=("test",), q=1.0, progressive=True).resamples
 
 
 def test_epoch_histogram():
