@@ -41,6 +41,7 @@ from ltcore.config import DataConfig, SourceConfig, check_config, to_dict
 from ltcore.data import sampling, splits
 from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, verify_shards, version_uri
 from ltcore.data.sources import SourceTable, fingerprints, load_source
+from ltcore.raystart import init_ray
 
 JPEG_QUALITY = 95
 _KEY_SHARD_ORDER = 101  # row_uniforms key of the shard order (ingest uses keys below 100)
@@ -196,18 +197,9 @@ def _plan_shards(table: SourceTable, parts: dict[str, np.ndarray], version: str,
     return items
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from ltcore.cli import init_ray
-
-        init_ray()  # joins RAY_ADDRESS when set, else starts a fresh local Ray
-
-
 def _run_shards(cfg: DataConfig, table: SourceTable, items: list[dict[str, Any]],
                 s3: storage.S3Options | None) -> list[dict[str, Any]]:
-    _ensure_ray()
+    init_ray()  # only now that there is work: joins RAY_ADDRESS when set, else starts a fresh local Ray
     import ray
 
     kwargs = {
