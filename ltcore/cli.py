@@ -11,7 +11,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ltcore.config import ConfigError, load_config
+from ltcore import storage
+from ltcore.config import Config, ConfigError, load_config
+from ltcore.raystart import init_ray as init_ray  # re-exported: the entry scripts start Ray through cli
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(REPO_ROOT, "pipelines", "configs", "demo.yaml")
@@ -28,10 +30,13 @@ SMOKE_OVERRIDES = (
 )
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *, config: bool = True) -> argparse.ArgumentParser:
+    """The entry scripts' parser: ``--config FILE`` and ``section.key=value`` overrides (``config=False``: a script
+    that reads no config adds its own arguments only)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default=None, help="YAML config file (path or URI)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. stage1.epochs=5")
+    if config:
+        p.add_argument("--config", default=None, help="YAML config file (path or URI)")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. stage1.epochs=5")
     return p
 
 
@@ -40,30 +45,20 @@ def load(path: str | None, overrides: Sequence[str], smoke: bool = False) -> Any
     return load_config(path, extra + list(overrides))
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # The dashboard's state API is what Ray Train's placement-group cleaner polls; keep it on.
-        # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
-        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+def use_storage(cfg: Config) -> None:
+    """Make the config's S3 endpoint and credentials the process-wide default for every URI read or written."""
+    st = cfg.storage
+    storage.set_default_s3(storage.S3Options(endpoint_url=st.s3_endpoint_url, access_key=st.s3_access_key,
+                                             secret_key=st.s3_secret_key, region=st.s3_region))
 
 
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run an entry point; expected errors become one line on stderr and exit code 2, no traceback."""
     from ltcore.engine.runs import RunError
-    from ltcore.storage import StorageError
 
     try:
         code = fn()
-    except (ConfigError, StorageError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, storage.StorageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunError as e:  # failed while training: one line, the traceback is in the run's error.log

@@ -1,8 +1,17 @@
-"""Typed, frozen configuration: dataclasses loaded from YAML, ``key=value`` overrides checked by type.
+"""Typed, frozen configuration: dataclasses loaded from YAML, ``key=value`` overrides checked by type and range.
 
-Every entry script takes ``--config FILE`` and ``section.field=value`` overrides. An unknown key or a value of
-the wrong type is a one-line :class:`ConfigError` naming the key and the valid choices. The resolved config
-(``to_dict``) is saved with every output.
+Every entry script takes ``--config FILE`` and ``section.field=value`` overrides. An unknown key, a value of the
+wrong type or a value out of range is a one-line :class:`ConfigError` naming the key and what a valid value is
+(``stage1.lr must be > 0, got -0.1``). The resolved config (``to_dict``) is saved with every output.
+
+Range checks are declared next to their fields, as dataclass field metadata
+(``epochs: int = field(default=10, metadata=check(ge(1)))``), and run in one pass whenever a config is built
+(:func:`load_config`, :func:`from_dict`, :func:`replace`); library entry points that take a config section built
+in code call :func:`check_config` on it. Checks that need the dataset or the cluster (class names, method names
+from the registries, whether the workers fit the CPUs) stay where that knowledge is. Dataclass metadata rather
+than pydantic models: the configs are already frozen dataclasses, passed everywhere and built without a config
+file (``DataConfig(name=..., image_size=8)``); metadata adds the checks without a second schema system or a new
+dependency, and keeps the type coercion and its error messages that overrides already go through.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -18,6 +28,79 @@ import yaml
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Range checks, declared on the fields: ``field(default=..., metadata=check(ge(1)))``
+
+
+@dataclass(frozen=True)
+class Check:
+    """A condition on one field's value and what it says in the error: ``<key> must be <must>, got <value>``."""
+
+    ok: Callable[[Any], bool]
+    must: str
+
+
+def _note(text: str, note: str) -> str:
+    return f"{text} ({note})" if note else text
+
+
+def ge(lo: float, note: str = "") -> Check:
+    return Check(lambda v: v >= lo, _note(f">= {lo}", note))
+
+
+def gt(lo: float, note: str = "") -> Check:
+    return Check(lambda v: v > lo, _note(f"> {lo}", note))
+
+
+def in_range(lo: float, hi: float, note: str = "", *, open_hi: bool = False) -> Check:
+    """``lo <= v <= hi`` (``lo <= v < hi`` with ``open_hi``)."""
+    if open_hi:
+        return Check(lambda v: lo <= v < hi, _note(f"in [{lo}, {hi})", note))
+    return Check(lambda v: lo <= v <= hi, _note(f"in [{lo}, {hi}]", note))
+
+
+def nonempty(what: str = "") -> Check:
+    return Check(lambda v: len(v) > 0, f"a non-empty {what}" if what else "non-empty")
+
+
+def check(*checks: Check) -> dict[str, Any]:
+    """Field metadata holding range checks: ``field(default=10, metadata=check(ge(1)))``."""
+    return {"check": checks}
+
+
+def check_fields(obj: Any, prefix: str = "", error: type[ValueError] = ConfigError) -> None:
+    """Run the checks declared on ``obj``'s own fields (not nested sections); ``prefix`` names ``obj`` in errors.
+
+    Raises:
+        ``error`` (:class:`ConfigError` by default): the first field that fails, as
+        ``<prefix><field> must be <what>, got <value>``.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for c in f.metadata.get("check", ()):
+            if not c.ok(value):
+                shown = list(value) if isinstance(value, tuple) else value  # as YAML and overrides write it
+                raise error(f"{prefix}{f.name} must be {c.must}, got {shown!r}")
+
+
+def check_config(cfg: Any, prefix: str = "") -> None:
+    """Run every declared check of ``cfg`` and its sections, e.g. ``check_config(data_cfg, "data.")`` for a
+    section built in code rather than loaded (loading checks already).
+
+    Raises:
+        ConfigError: the first value out of range, as ``<dotted.key> must be <what>, got <value>``.
+    """
+    check_fields(cfg, prefix)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, f"{prefix}{f.name}.")
+
+
+def _folder_name(name: str) -> bool:
+    return bool(name) and "/" not in name and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -34,33 +117,37 @@ class SourceConfig:
     group_column: str = ""  # patient / lesion id: a group never crosses splits; empty = each image its own group
     classes: tuple[str, ...] = ()  # class order; empty = sorted label names
     # embedded digits: the sklearn set made long-tailed with this imbalance factor, upscaled to image_size
-    embedded_imbalance: float = 20.0
+    embedded_imbalance: float = field(default=20.0, metadata=check(ge(1)))
 
 
 @dataclass(frozen=True)
 class SplitConfig:
-    train: float = 0.7
-    val: float = 0.1
-    test: float = 0.2
+    # fractions of each class's images; they must sum to 1 (checked with the data, in splits.py)
+    train: float = field(default=0.7, metadata=check(in_range(0, 1)))
+    val: float = field(default=0.1, metadata=check(in_range(0, 1)))
+    test: float = field(default=0.2, metadata=check(in_range(0, 1)))
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """The prepare job: raw source -> validated, resized, split dataset version (Parquet + manifest)."""
 
-    name: str = "digits-lt"
+    name: str = field(default="digits-lt", metadata=check(Check(_folder_name, "a non-empty folder name without '/'")))
     source: SourceConfig = field(default_factory=SourceConfig)
-    output: str = "./ltcore-runs/datasets"  # dataset versions are written under <output>/<name>/<hash>/
-    image_size: int = 32  # shorter side after resize
-    imbalance_factor: float = 0.0  # LMD long-tail subsampling; 0 = keep every image
+    # dataset versions are written under <output>/<name>/<hash>/
+    output: str = field(default="./ltcore-runs/datasets", metadata=check(nonempty("URI for the dataset versions")))
+    image_size: int = field(default=32, metadata=check(ge(1)))  # shorter side after resize
+    # LMD long-tail subsampling; 0 = keep every image
+    imbalance_factor: float = field(default=0.0, metadata=check(Check(lambda v: v == 0 or v >= 1, "0 (off) or >= 1")))
     split: SplitConfig = field(default_factory=SplitConfig)
-    seed: int = 0
+    seed: int = field(default=0, metadata=check(ge(0)))
     on_bad: Literal["fail", "skip"] = "fail"  # missing/corrupt images and unknown labels
-    rows_per_shard: int = 2000
-    limit: int = 0  # keep only this many rows (stratified by class), 0 = all; for smoke tests
+    rows_per_shard: int = field(default=2000, metadata=check(ge(1)))
+    # keep only this many rows (stratified by class), 0 = all; for smoke tests
+    limit: int = field(default=0, metadata=check(ge(0, "0 = all rows")))
     # A class with fewer images than this in the source is an error (a typo'd label is a class of one image);
     # 0 = one image for each split with a non-zero fraction.
-    min_class_images: int = 0
+    min_class_images: int = field(default=0, metadata=check(ge(0, "0 = one per split")))
 
 
 @dataclass(frozen=True)
@@ -68,8 +155,9 @@ class ModelConfig:
     backbone: str = "small_cnn"  # any timm name, or small_cnn
     pretrained: str = "none"  # none | package | path/URI of a state dict
     head: Literal["linear", "cosine"] = "linear"
-    cosine_scale: float = 16.0  # logit scale of the cosine head (LDAM wants 1: its own s scales the cosines)
-    proj_dim: int = 128  # projection MLP output for contrastive methods
+    # logit scale of the cosine head (LDAM wants 1: its own s scales the cosines)
+    cosine_scale: float = field(default=16.0, metadata=check(gt(0)))
+    proj_dim: int = field(default=128, metadata=check(ge(1)))  # projection MLP output for contrastive methods
 
 
 @dataclass(frozen=True)
@@ -112,16 +200,18 @@ class LossConfig:
 @dataclass(frozen=True)
 class Stage1Config:
     method: str = "ce"  # recipe name; see ltcore.methods.STAGE1 for the list
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = field(default=10, metadata=check(ge(1)))
+    batch_size: int = field(default=64, metadata=check(ge(1)))  # per worker
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 0
-    q: float = 1.0  # sampling exponent p_j ~ n_j^q: 1 instance, 0 class-balanced, 0.5 square-root
+    lr: float = field(default=0.05, metadata=check(gt(0)))
+    momentum: float = field(default=0.9, metadata=check(in_range(0, 1, open_hi=True)))
+    weight_decay: float = field(default=5e-4, metadata=check(ge(0)))
+    warmup_epochs: int = field(default=0, metadata=check(ge(0)))
+    # sampling exponent p_j ~ n_j^q: 1 instance, 0 class-balanced, 0.5 square-root (ltcore.data.sampling)
+    q: float = field(default=1.0, metadata=check(in_range(0, 1)))
     progressive: bool = False  # instance -> class-balanced over the epochs
-    pk_classes: int = 0  # P x K class-balanced batches (metric losses): P classes per batch, 0 = off
+    # P x K class-balanced batches (metric losses): P classes per batch, 0 = off
+    pk_classes: int = field(default=0, metadata=check(ge(0, "0 = off")))
     augment: Literal["weak", "strong"] = "weak"
     loss: LossConfig = field(default_factory=LossConfig)
 
@@ -129,18 +219,20 @@ class Stage1Config:
 @dataclass(frozen=True)
 class Stage2Config:
     method: str = "none"  # none | crt | tau_norm | lws | posthoc_la | crw | drs | icc
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.1
-    q: float = 0.0  # class-balanced by default (cRT, LWS, DRS)
-    tau_grid: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
+    epochs: int = field(default=10, metadata=check(ge(1)))
+    batch_size: int = field(default=64, metadata=check(ge(1)))
+    lr: float = field(default=0.1, metadata=check(gt(0)))
+    q: float = field(default=0.0, metadata=check(in_range(0, 1)))  # class-balanced by default (cRT, LWS, DRS)
+    tau_grid: tuple[float, ...] = field(default=tuple(round(0.1 * i, 1) for i in range(21)),
+                                        metadata=check(nonempty("list of tau values")))
     la_tau: float = 1.0
-    icc_rounds: int = 3
-    icc_virtual_per_class: int = 500
-    icc_lr: float = 0.001  # backbone learning rate of the E-step
-    icc_m_lr: float = 0.1  # classifier learning rate of the M-step (a fresh classifier per round, one pass)
-    icc_gce_q: float = 0.7
-    icc_fdc_weight: float = 1e-4
+    icc_rounds: int = field(default=3, metadata=check(ge(1)))
+    icc_virtual_per_class: int = field(default=500, metadata=check(ge(1)))
+    icc_lr: float = field(default=0.001, metadata=check(gt(0)))  # backbone learning rate of the E-step
+    # classifier learning rate of the M-step (a fresh classifier per round, one pass)
+    icc_m_lr: float = field(default=0.1, metadata=check(gt(0)))
+    icc_gce_q: float = field(default=0.7, metadata=check(in_range(0, 1)))
+    icc_fdc_weight: float = field(default=1e-4, metadata=check(ge(0)))
 
 
 @dataclass(frozen=True)
@@ -149,29 +241,30 @@ class TrainConfig:
 
     storage: str = "./ltcore-runs"  # runs are written under <storage>/runs/<run_id>/
     run_id: str = ""  # empty = new id; an existing id resumes that run
-    num_workers: int = 2
+    num_workers: int = field(default=2, metadata=check(ge(1)))
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 0.5  # CPUs per Ray Data read/resample/decode task; tasks need CPUs left beside the workers
-    max_failures: int = 1
-    keep_checkpoints: int = 2
-    seed: int = 0
-    max_steps_per_epoch: int = 0  # 0 = full epochs; smoke tests cap it
-    eval_batch_size: int = 256
-    shuffle_buffer: int = 256
+    cpus_per_worker: float = field(default=1.0, metadata=check(gt(0)))
+    # CPUs per Ray Data read/resample/decode task; tasks need CPUs left beside the workers
+    data_cpus: float = field(default=0.5, metadata=check(gt(0)))
+    max_failures: int = field(default=1, metadata=check(ge(-1, "-1 = retry without limit")))  # Ray's FailureConfig
+    keep_checkpoints: int = field(default=2, metadata=check(ge(1)))
+    seed: int = field(default=0, metadata=check(ge(0)))
+    max_steps_per_epoch: int = field(default=0, metadata=check(ge(0, "0 = full epochs")))  # smoke tests cap it
+    eval_batch_size: int = field(default=256, metadata=check(ge(1)))
+    shuffle_buffer: int = field(default=256, metadata=check(ge(0, "0 = off")))
     # Intra-op threads per worker; 0 = Ray's default (one per CPU the worker reserves). On a small CPU machine
     # where decoding needs less than the CPUs set aside for it, more threads use the idle cores.
-    torch_threads: int = 0
+    torch_threads: int = field(default=0, metadata=check(ge(0, "0 = one per worker CPU")))
     # A progress line from the first worker every this many seconds within an epoch (0 = per-epoch lines only).
-    progress_every_s: float = 60.0
+    progress_every_s: float = field(default=60.0, metadata=check(ge(0, "0 = off")))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     group_rule: Literal["rank", "count"] = "rank"
-    many_threshold: int = 100
-    few_threshold: int = 20
-    ece_bins: int = 15
+    many_threshold: int = field(default=100, metadata=check(ge(0)))
+    few_threshold: int = field(default=20, metadata=check(ge(0)))
+    ece_bins: int = field(default=15, metadata=check(ge(1)))
 
 
 @dataclass(frozen=True)
@@ -277,7 +370,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
         if k not in hints:
             raise ConfigError(f"unknown config key '{prefix}{k}'; valid keys here: {', '.join(names)}")
         kwargs[k] = _coerce(prefix + k, hints[k], v)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_fields(obj, prefix)  # sections were checked when _coerce built them
+    return obj
 
 
 REDACTED = "<redacted>"
@@ -400,7 +495,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
-    """``dataclasses.replace`` with dotted keys: ``replace(cfg, **{"stage1.epochs": 1})``."""
+    """``dataclasses.replace`` with dotted keys: ``replace(cfg, **{"stage1.epochs": 1})``; the changed sections
+    are checked (:class:`ConfigError` on a value out of range)."""
+    return _replace(cfg, changes, "")
+
+
+def _replace(cfg: Any, changes: dict[str, Any], prefix: str) -> Any:
     nested: dict[str, dict[str, Any]] = {}
     flat: dict[str, Any] = {}
     for k, v in changes.items():
@@ -410,5 +510,7 @@ def replace(cfg: Any, **changes: Any) -> Any:
         else:
             flat[head] = v
     for head, sub in nested.items():
-        flat[head] = replace(getattr(cfg, head), **sub)
-    return dataclasses.replace(cfg, **flat)
+        flat[head] = _replace(getattr(cfg, head), sub, f"{prefix}{head}.")
+    out = dataclasses.replace(cfg, **flat)
+    check_fields(out, prefix)
+    return out

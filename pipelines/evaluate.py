@@ -7,13 +7,11 @@ Prints the metrics table; the last line is ``report: <report.json URI>``.
 
 from __future__ import annotations
 
-import argparse
-
 from ltcore import cli
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser(__doc__.splitlines()[0], config=False)
     p.add_argument("--model", required=True, help="checkpoint directory URI (the report's `model` field)")
     p.add_argument("--dataset", required=True, help="manifest.json URI of a dataset version")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])

@@ -10,13 +10,10 @@ The last line printed is ``dataset: <manifest URI>``. Bad config or input: ``err
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 
-from ltcore import storage
-from ltcore.config import Config, ConfigError, DataConfig, load_config
-from ltcore.data.prepare import prepare_dataset
+from ltcore import cli
+from ltcore.config import Config, DataConfig
 
 _DATA_KEYS = {f.name for f in dataclasses.fields(DataConfig)}
 _TOP_KEYS = {f.name for f in dataclasses.fields(Config)}
@@ -32,23 +29,18 @@ def qualify(overrides: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=None, help="YAML config (path or URI); default: the embedded digits")
-    parser.add_argument("--quiet", action="store_true", help="print only the result line")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. image_size=128 or data.on_bad=skip")
-    args = parser.parse_args(argv)
-    try:
-        cfg: Config = load_config(args.config, qualify(args.overrides))
-        st = cfg.storage
-        storage.set_default_s3(storage.S3Options(endpoint_url=st.s3_endpoint_url, access_key=st.s3_access_key,
-                                                 secret_key=st.s3_secret_key, region=st.s3_region))
-        uri, _ = prepare_dataset(cfg.data, progress=not args.quiet)
-    except (ConfigError, storage.StorageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    p = cli.parser(__doc__.splitlines()[0])
+    p.add_argument("--quiet", action="store_true", help="print only the result line")
+    args = p.parse_args(argv)
+    cfg: Config = cli.load(args.config, qualify(args.overrides))
+    cli.use_storage(cfg)
+
+    from ltcore.data.prepare import prepare_dataset
+
+    uri, _ = prepare_dataset(cfg.data, progress=not args.quiet)
     print(f"dataset: {uri}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

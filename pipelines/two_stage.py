@@ -19,11 +19,9 @@ def main() -> int:
     args = p.parse_args()
     cfg = cli.load(args.config or cli.DEMO_CONFIG, args.overrides, smoke=args.smoke_test)
 
-    from ltcore import storage
     from ltcore.engine.pipeline import run_two_stage, validate
 
-    storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
-                                             cfg.storage.s3_secret_key, cfg.storage.s3_region))
+    cli.use_storage(cfg)
     validate(cfg)  # fail on a bad config before anything is read
     # Ray starts once the run folder, the data and the config have been checked (run_two_stage's order).
     uri = run_two_stage(cfg, start_cluster=cli.init_ray)

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -78,6 +78,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ltcore import storage
+from ltcore.config import Check, check, check_fields, ge, nonempty
 from ltcore.data import sampling
 from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, KINDS, build_transform, decode_image, normalize_images
 
@@ -98,47 +99,46 @@ _KEY_VIEW = 10
 class IngestSpec:
     """What one split's stream looks like. Resources and batch sizes are arguments of the builders, not here."""
 
-    split: str
-    views: tuple[str, ...] = ("weak",)  # one transform kind per output image: ("weak", "strong") is two-view
-    image_size: int = 224  # output side S of every view
-    q: float | None = None  # p_j ~ n_j^q; None = no class rebalancing
+    split: str = field(metadata=check(nonempty("split name of the dataset version (train, val, test)")))
+    # one transform kind per output image: ("weak", "strong") is two-view
+    views: tuple[str, ...] = field(default=("weak",), metadata=check(
+        Check(lambda v: 1 <= len(v) <= 2 and all(k in KINDS for k in v), f"one or two of {', '.join(KINDS)}")))
+    image_size: int = field(default=224, metadata=check(ge(8)))  # output side S of every view
+    # p_j ~ n_j^q (ltcore.data.sampling); None = no class rebalancing, the same as 1
+    q: float | None = field(default=None, metadata=check(Check(lambda v: v is None or 0 <= v <= 1,
+                                                               "None or in [0, 1]")))
     progressive: bool = False  # instance -> class-balanced over total_epochs (Kang et al.); q is then ignored
-    total_epochs: int = 1  # T of the progressive schedule
-    seed: int = 0
+    total_epochs: int = field(default=1, metadata=check(ge(1)))  # T of the progressive schedule
+    seed: int = field(default=0, metadata=check(ge(0)))
     shuffle: bool = True  # block order + in-block permutation (Ray) or a full permutation (local)
-    epoch_size: int | None = None  # expected rows per epoch; None = the split's size N
+    # expected rows per epoch; None = the split's size N
+    epoch_size: int | None = field(default=None, metadata=check(Check(lambda v: v is None or v >= 1,
+                                                                      "None or >= 1")))
 
     def __post_init__(self) -> None:
-        if not self.split:
-            raise ValueError("IngestSpec.split is empty; name a split of the dataset version (train, val, test)")
-        if not 1 <= len(self.views) <= 2 or any(v not in KINDS for v in self.views):
-            raise ValueError(f"IngestSpec.views {self.views!r}: give one or two of {', '.join(KINDS)}")
-        if self.image_size < 8:
-            raise ValueError(f"IngestSpec.image_size must be >= 8, got {self.image_size}")
-        if self.total_epochs < 1:
-            raise ValueError(f"IngestSpec.total_epochs must be >= 1, got {self.total_epochs}")
-        if self.epoch_size is not None and self.epoch_size < 1:
-            raise ValueError(f"IngestSpec.epoch_size must be >= 1 or None, got {self.epoch_size}")
-        if self.seed < 0:
-            raise ValueError(f"IngestSpec.seed must be >= 0, got {self.seed}")
-        if self.q is not None and not np.isfinite(self.q):
-            raise ValueError(f"IngestSpec.q must be a finite number or None, got {self.q}")
+        check_fields(self, "IngestSpec.", error=ValueError)
+
+    @property
+    def policy(self) -> sampling.StreamSampling:
+        """The stream's class sampling (q = None samples as q = 1)."""
+        return sampling.StreamSampling(q=1.0 if self.q is None else self.q, progressive=self.progressive)
 
     @property
     def resamples(self) -> bool:
-        """Whether rows are repeated/dropped per epoch (rebalancing or a configured epoch size)."""
-        return self.q is not None or self.progressive or self.epoch_size is not None
+        """Whether rows are repeated/dropped per epoch (rebalancing or a configured epoch size). At q = 1 without
+        an epoch size every row is drawn exactly once (``r_i = 1``), so the draws are skipped."""
+        return not self.policy.is_identity or self.epoch_size is not None
 
     @property
     def needs_epoch(self) -> bool:
-        """Whether the stream's content depends on the epoch (resampling or random augmentation)."""
-        return self.resamples or any(v != "test" for v in self.views)
+        """Whether the stream's content depends on the epoch (sampling, or random augmentation; with q = 1 the row
+        order within a block still changes with the epoch)."""
+        return self.q is not None or self.progressive or self.epoch_size is not None or any(
+            v != "test" for v in self.views)
 
     def probabilities(self, counts: Sequence[int], epoch: int) -> np.ndarray:
         """Class probabilities ``(C,)`` for ``epoch`` (instance-balanced when only ``epoch_size`` is set)."""
-        if self.progressive:
-            return sampling.progressive_probabilities(counts, min(epoch, self.total_epochs), self.total_epochs)
-        return sampling.class_probabilities(counts, 1.0 if self.q is None else self.q)
+        return self.policy.probabilities(counts, epoch, self.total_epochs)
 
 
 @dataclass(frozen=True)

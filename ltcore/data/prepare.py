@@ -37,10 +37,11 @@ from typing import Any
 import numpy as np
 
 from ltcore import storage
-from ltcore.config import DataConfig, SourceConfig, to_dict
+from ltcore.config import DataConfig, SourceConfig, check_config, to_dict
 from ltcore.data import sampling, splits
 from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, verify_shards, version_uri
 from ltcore.data.sources import SourceTable, fingerprints, load_source
+from ltcore.raystart import init_ray
 
 JPEG_QUALITY = 95
 _KEY_SHARD_ORDER = 101  # row_uniforms key of the shard order (ingest uses keys below 100)
@@ -73,7 +74,7 @@ def prepare_dataset(
     """
     say: Callable[[str], None] = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     t0 = time.monotonic()
-    _check_values(cfg)
+    check_config(cfg, "data.")  # a section built in code has not been checked yet
     cfg = _resolved(cfg)
     out = cfg.output
     storage.check_bucket(out, s3)
@@ -133,23 +134,6 @@ def prepare_dataset(
 
 # ---------------------------------------------------------------------------------------------------------------
 # driver side
-
-
-def _check_values(cfg: DataConfig) -> None:
-    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
-        raise ValueError(f"data.name {cfg.name!r} must be a non-empty folder name without '/'")
-    if cfg.image_size < 1:
-        raise ValueError(f"data.image_size must be >= 1, got {cfg.image_size}")
-    if cfg.rows_per_shard < 1:
-        raise ValueError(f"data.rows_per_shard must be >= 1, got {cfg.rows_per_shard}")
-    if cfg.imbalance_factor != 0 and cfg.imbalance_factor < 1:
-        raise ValueError(f"data.imbalance_factor must be 0 (off) or >= 1, got {cfg.imbalance_factor}")
-    if cfg.min_class_images < 0:
-        raise ValueError(f"data.min_class_images must be >= 0 (0 = one per split), got {cfg.min_class_images}")
-    if cfg.limit < 0:
-        raise ValueError(f"data.limit must be >= 0 (0 = all rows), got {cfg.limit}")
-    if not cfg.output:
-        raise ValueError("data.output is empty; set the URI under which dataset versions are written")
 
 
 def _check_class_sizes(cfg: DataConfig, table: SourceTable) -> None:
@@ -213,18 +197,9 @@ def _plan_shards(table: SourceTable, parts: dict[str, np.ndarray], version: str,
     return items
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from ltcore.cli import init_ray
-
-        init_ray()  # joins RAY_ADDRESS when set, else starts a fresh local Ray
-
-
 def _run_shards(cfg: DataConfig, table: SourceTable, items: list[dict[str, Any]],
                 s3: storage.S3Options | None) -> list[dict[str, Any]]:
-    _ensure_ray()
+    init_ray()  # only now that there is work: joins RAY_ADDRESS when set, else starts a fresh local Ray
     import ray
 
     kwargs = {

@@ -12,6 +12,9 @@ then appears ``p_j * M`` times in expectation. The rounding draws are keyed on `
 epoch gets new draws and the same seed gives the same epochs; with ``row_keys`` (stable per-row ids) the draw of
 each row depends on that row alone, not on how rows are batched or ordered.
 
+Which training stream draws which classes at which epoch (``stage1.q``, ``stage1.progressive``,
+``stage1.pk_classes``, SPMix's tail stream) is decided in one place, :func:`stage1_sampling`.
+
 No Ray and no torch here: :mod:`ltcore.data.ingest` applies these functions inside Ray Data.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -83,6 +87,71 @@ def progressive_probabilities(counts: Sequence[int] | np.ndarray, epoch: int, to
         raise ValueError(f"epoch must be in [0, total_epochs={total_epochs}], got {epoch}")
     t = epoch / total_epochs
     return (1.0 - t) * class_probabilities(counts, 1.0) + t * class_probabilities(counts, 0.0)
+
+
+@dataclass(frozen=True)
+class StreamSampling:
+    """How one training stream draws its classes in every epoch.
+
+    Args:
+        q: exponent of ``p_j ~ n_j^q`` in ``[0, 1]``: 1 instance-balanced (every row once), 0 class-balanced;
+            ignored when ``progressive``.
+        progressive: progressive-balanced (:func:`progressive_probabilities`) over the run's epochs.
+        seed_offset: added to the run's seed, so that two streams of one run draw independently.
+
+    Raises:
+        ValueError: ``q`` outside ``[0, 1]`` or ``seed_offset < 0``.
+    """
+
+    q: float = 1.0
+    progressive: bool = False
+    seed_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.q <= 1.0:
+            raise ValueError(f"q must be in [0, 1] (1 instance-balanced, 0 class-balanced), got {self.q!r}")
+        _check_seed("seed_offset", self.seed_offset)
+
+    @property
+    def is_identity(self) -> bool:
+        """Every row exactly once per epoch (q = 1, not progressive): the draws can be skipped."""
+        return self.q == 1.0 and not self.progressive
+
+    def probabilities(self, counts: Sequence[int] | np.ndarray, epoch: int, total_epochs: int) -> np.ndarray:
+        """Class probabilities ``(C,)`` in 0-based ``epoch`` of ``total_epochs`` (epochs past the end: the last
+        schedule value)."""
+        if self.progressive:
+            return progressive_probabilities(counts, min(epoch, total_epochs), total_epochs)
+        return class_probabilities(counts, self.q)
+
+
+def stage1_sampling(*, q: float, progressive: bool, pk_classes: int, tail_stream: bool) -> dict[str, StreamSampling]:
+    """The stage-1 sampling policy: which stream draws which classes (the config's ``stage1`` section).
+
+    - ``"train"``, the stream every step trains on: ``p_j ~ n_j^q`` (``stage1.q``), or progressive-balanced
+      when ``progressive`` (``q`` then ignored). P x K batches (``pk_classes > 0``) are regrouped from it
+      (:class:`~ltcore.methods.pk.PKBatcher`); from an instance-balanced stream the rare classes would gate them
+      and the head classes overflow their buffers, so at q = 1 without a progressive schedule it is
+      class-balanced instead (a q below 1 or a progressive schedule is kept).
+    - ``"tail"``, only with ``tail_stream`` (SPMix pastes tail-class patches into the instance stream's images):
+      class-balanced at every epoch, drawn with the run's seed + 1 so that it is independent of ``"train"``.
+
+    Returns:
+        Stream name -> :class:`StreamSampling`; ``policy[name].probabilities(counts, epoch, epochs)`` are that
+        stream's class probabilities in an epoch.
+
+    Raises:
+        ValueError: ``q`` outside ``[0, 1]`` or ``pk_classes < 0``.
+    """
+    if pk_classes < 0:
+        raise ValueError(f"pk_classes must be >= 0 (0 = off), got {pk_classes}")
+    train = StreamSampling(q=q, progressive=progressive)
+    if pk_classes > 0 and train.is_identity:
+        train = StreamSampling(q=0.0)
+    out = {"train": train}
+    if tail_stream:
+        out["tail"] = StreamSampling(q=0.0, seed_offset=1)
+    return out
 
 
 def repeat_factors(

@@ -46,14 +46,6 @@ def validate(cfg: Config, manifest: Manifest | None = None) -> None:
         raise ConfigError(f"stage2.method: {cfg.stage2.method!r} is not valid; choose one of {choices}")
     if cfg.stage2.method != "none" and cfg.model.head != "linear":
         raise ConfigError(f"stage2.method={cfg.stage2.method} needs model.head=linear (got {cfg.model.head!r})")
-    if cfg.stage1.epochs < 1:
-        raise ConfigError("stage1.epochs must be >= 1")
-    if cfg.train.num_workers < 1:
-        raise ConfigError("train.num_workers must be >= 1")
-    if cfg.train.torch_threads < 0:
-        raise ConfigError(f"train.torch_threads must be >= 0 (0 = one per worker CPU), got {cfg.train.torch_threads}")
-    if cfg.train.progress_every_s < 0:
-        raise ConfigError(f"train.progress_every_s must be >= 0 (0 = off), got {cfg.train.progress_every_s}")
     if cfg.model.backbone not in list_backbones() and not timm.is_model(cfg.model.backbone):
         # A name check only: building the network here would cost seconds for large backbones.
         raise ConfigError(f"model.backbone: {cfg.model.backbone!r} is neither an ltcore backbone "

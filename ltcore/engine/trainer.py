@@ -8,7 +8,6 @@ re-running a run id continues it instead of starting over.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -20,6 +19,7 @@ from ltcore import storage
 from ltcore.config import Config, ConfigError, to_dict
 from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
 from ltcore.data.manifest import Manifest
+from ltcore.data.sampling import stage1_sampling
 from ltcore.engine.checkpoint import read_meta
 from ltcore.engine.loops import stage1_loop, stage2_loop
 from ltcore.methods.recipes import build_stage1
@@ -116,20 +116,17 @@ def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: E
     recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=manifest.class_counts("train"),
                           classes=list(manifest.classes), epochs=s1.epochs, proj_dim=cfg.model.proj_dim)
     views = ("strong",) if s1.augment == "strong" and recipe.views == ("weak",) else recipe.views
-    # q = 1 without a progressive schedule is plain instance sampling: skip the resampling step entirely.
-    q = None if (s1.q == 1.0 and not s1.progressive) else s1.q
-    train = IngestSpec(split="train", views=views, image_size=manifest.image_size, q=q, progressive=s1.progressive,
-                       total_epochs=s1.epochs, seed=cfg.train.seed, shuffle=True,
-                       epoch_size=_epoch_size(cfg, s1.batch_size))
-    out = {}
-    if recipe.needs_tail_stream:
-        # SPMix: tail images come from a class-balanced stream beside the instance stream.
-        tail = dataclasses.replace(train, q=0.0, progressive=False, seed=cfg.train.seed + 1)
-        out["tail"] = _dataset(manifest_uri, tail, epoch_source=clock, num_cpus=cfg.train.data_cpus)
-    if s1.pk_classes > 0 and q is None:
-        train = dataclasses.replace(train, q=0.0)  # P x K batches are drawn from a class-balanced stream
-    return out | {
-        "train": _dataset(manifest_uri, train, epoch_source=clock, num_cpus=cfg.train.data_cpus),
+    # Which stream draws which classes is decided in one place (sampling.stage1_sampling); this only applies it.
+    policy = stage1_sampling(q=s1.q, progressive=s1.progressive, pk_classes=s1.pk_classes,
+                             tail_stream=recipe.needs_tail_stream)
+    streams = {
+        name: _dataset(manifest_uri, IngestSpec(
+            split="train", views=views, image_size=manifest.image_size, q=p.q, progressive=p.progressive,
+            total_epochs=s1.epochs, seed=cfg.train.seed + p.seed_offset, shuffle=True,
+            epoch_size=_epoch_size(cfg, s1.batch_size)), epoch_source=clock, num_cpus=cfg.train.data_cpus)
+        for name, p in policy.items()
+    }
+    return streams | {
         "val": _dataset(manifest_uri, eval_spec(manifest, "val", cfg), num_cpus=cfg.train.data_cpus),
         "test": _dataset(manifest_uri, eval_spec(manifest, "test", cfg), num_cpus=cfg.train.data_cpus),
     }

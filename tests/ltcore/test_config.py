@@ -4,7 +4,18 @@ import dataclasses
 
 import pytest
 
-from ltcore.config import Config, ConfigError, apply_overrides, dump_yaml, from_dict, load_config, replace, to_dict
+from ltcore.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    apply_overrides,
+    check_config,
+    dump_yaml,
+    from_dict,
+    load_config,
+    replace,
+    to_dict,
+)
 
 
 def test_defaults_round_trip_through_yaml(tmp_path):
@@ -81,3 +92,48 @@ def test_base_file_is_overlaid(tmp_path):
     (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
     with pytest.raises(ConfigError, match="includes itself"):
         load_config(str(tmp_path / "loop.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stage1.lr=0", "stage1.lr must be > 0, got 0.0"),
+        ("stage1.batch_size=0", "stage1.batch_size must be >= 1, got 0"),
+        ("stage2.batch_size=-4", "stage2.batch_size must be >= 1, got -4"),
+        ("stage2.epochs=0", "stage2.epochs must be >= 1, got 0"),
+        ("stage2.lr=-1e-3", "stage2.lr must be > 0, got -0.001"),
+        ("stage1.q=1.5", "stage1.q must be in [0, 1], got 1.5"),
+        ("stage2.q=-0.5", "stage2.q must be in [0, 1], got -0.5"),
+        ("stage1.momentum=1", "stage1.momentum must be in [0, 1), got 1.0"),
+        ("stage2.tau_grid=[]", "stage2.tau_grid must be a non-empty list of tau values, got []"),
+        ("train.torch_threads=-1", "train.torch_threads must be >= 0 (0 = one per worker CPU), got -1"),
+        ("train.cpus_per_worker=0", "train.cpus_per_worker must be > 0, got 0.0"),
+        ("data.split.val=1.5", "data.split.val must be in [0, 1], got 1.5"),
+        ("data.name=a/b", "data.name must be a non-empty folder name without '/', got 'a/b'"),
+        ("data.imbalance_factor=0.5", "data.imbalance_factor must be 0 (off) or >= 1, got 0.5"),
+        ("data.source.embedded_imbalance=0.5", "data.source.embedded_imbalance must be >= 1, got 0.5"),
+        ("eval.ece_bins=0", "eval.ece_bins must be >= 1, got 0"),
+    ],
+)
+def test_values_out_of_range_are_one_line_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == message
+
+
+def test_range_checks_run_however_the_config_is_built(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("stage1:\n  lr: -0.1\n")
+    with pytest.raises(ConfigError, match=r"^stage1.lr must be > 0, got -0.1$"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^train.num_workers must be >= 1, got 0$"):
+        from_dict({"train": {"num_workers": 0}})
+    with pytest.raises(ConfigError, match=r"^stage1.epochs must be >= 1, got 0$"):
+        replace(Config(), **{"stage1.epochs": 0})
+    # a section built in code is checked on demand, named as in the config
+    bad = DataConfig(image_size=0)
+    with pytest.raises(ConfigError, match=r"^data.image_size must be >= 1, got 0$"):
+        check_config(bad, "data.")
+    with pytest.raises(ConfigError, match=r"^data.split.test must be in \[0, 1\], got -0.2$"):
+        check_config(Config(data=DataConfig(split=dataclasses.replace(DataConfig().split, test=-0.2))))
+    check_config(Config())  # the defaults are valid

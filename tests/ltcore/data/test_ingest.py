@@ -48,10 +48,16 @@ def test_spec_validation():
         IngestSpec(split="train", views=("medium",))
     with pytest.raises(ValueError, match="epoch_size"):
         IngestSpec(split="train", epoch_size=0)
+    with pytest.raises(ValueError, match=r"^IngestSpec.q must be None or in \[0, 1\], got 1.5$"):
+        IngestSpec(split="train", q=1.5)
     spec = IngestSpec(split="val", views=("test",), shuffle=False)
     assert not spec.resamples and not spec.needs_epoch
     assert IngestSpec(split="train", q=0.0).needs_epoch
     assert IngestSpec(split="train", views=("test",), epoch_size=10).resamples
+    # q = 1 draws every row once (r_i = 1): no draws to make, but the row order still changes with the epoch
+    q1 = IngestSpec(split="train", views=("test",), q=1.0)
+    assert not q1.resamples and q1.needs_epoch
+    assert IngestSpec(split="train", views=("test",), q=1.0, progressive=True).resamples
 
 
 def test_epoch_histogram():

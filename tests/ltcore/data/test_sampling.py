@@ -202,3 +202,56 @@ def test_sampling_imports_without_ray_or_torch():
     assert out.returncode == 0, out.stderr
     assert "[0.5 0.5]" in out.stdout
     assert sampling.__name__ == "ltcore.data.sampling"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage-1 sampling policy: config -> which stream draws which classes at which epoch
+
+# counts [3, 1], 4 epochs. Instance-balanced (IB) p = [3/4, 1/4]; class-balanced (CB) p = [1/2, 1/2];
+# square root: [sqrt 3, 1] / (sqrt 3 + 1) = [.6340, .3660]. Progressive at epoch t of T = 4:
+# (1 - t/4) IB + (t/4) CB: t = 0 -> IB; t = 2 -> [.625, .375]; t = 3 -> [.25*.75 + .75*.5, .25*.25 + .75*.5]
+# = [.5625, .4375].
+IB, CB, SQRT = [0.75, 0.25], [0.5, 0.5], [3**0.5 / (3**0.5 + 1), 1 / (3**0.5 + 1)]
+PROG = [[0.75, 0.25], [0.625, 0.375], [0.5625, 0.4375]]  # epochs 0, 2, 3
+EPOCHS = (0, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("q", "progressive", "pk_classes", "tail_stream", "expected"),
+    [
+        # stage1.q alone: the train stream draws p_j ~ n_j^q in every epoch
+        (1.0, False, 0, False, {"train": [IB] * 3}),
+        (0.0, False, 0, False, {"train": [CB] * 3}),
+        (0.5, False, 0, False, {"train": [SQRT] * 3}),
+        # progressive: instance -> class-balanced over the epochs; q is ignored
+        (1.0, True, 0, False, {"train": PROG}),
+        (0.0, True, 0, False, {"train": PROG}),
+        # P x K batches: a q = 1 stream becomes class-balanced; an explicit q < 1 or a schedule is kept
+        (1.0, False, 4, False, {"train": [CB] * 3}),
+        (0.5, False, 4, False, {"train": [SQRT] * 3}),
+        (1.0, True, 4, False, {"train": PROG}),
+        # SPMix: a class-balanced tail stream beside the train stream, whatever the train stream does
+        (1.0, False, 0, True, {"train": [IB] * 3, "tail": [CB] * 3}),
+        (1.0, True, 0, True, {"train": PROG, "tail": [CB] * 3}),
+        (1.0, False, 4, True, {"train": [CB] * 3, "tail": [CB] * 3}),
+    ],
+)
+def test_stage1_sampling_table(q, progressive, pk_classes, tail_stream, expected):
+    policy = sampling.stage1_sampling(q=q, progressive=progressive, pk_classes=pk_classes, tail_stream=tail_stream)
+    got = {name: [p.probabilities([3, 1], e, 4).tolist() for e in EPOCHS] for name, p in policy.items()}
+    assert got.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-12, err_msg=name)
+    # the tail stream draws independently of the train stream (seed + 1)
+    assert [p.seed_offset for p in policy.values()] == [0, 1][: len(policy)]
+
+
+def test_stage1_sampling_identity_and_bad_values():
+    # q = 1 without a schedule draws every row once: the ingest skips the draws
+    assert sampling.stage1_sampling(q=1.0, progressive=False, pk_classes=0, tail_stream=False)["train"].is_identity
+    assert not sampling.StreamSampling(q=1.0, progressive=True).is_identity
+    for q in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"q must be in \[0, 1\]"):
+            sampling.stage1_sampling(q=q, progressive=False, pk_classes=0, tail_stream=False)
+    with pytest.raises(ValueError, match="pk_classes must be >= 0"):
+        sampling.stage1_sampling(q=1.0, progressive=False, pk_classes=-1, tail_stream=False)
