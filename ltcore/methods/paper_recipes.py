@@ -162,33 +162,31 @@ class _PaperRecipe(Stage1Recipe):
 
 
 class ProCoRecipe(_PaperRecipe):
-    """ProCo: ``L = CE(logits) + lambda * L_pl(q, k, y)`` (METHODS.md section 1; ProCo, arXiv 2209.00183).
+    """ProCo: ``L = CE(head(f)) + lambda * L_pl(q, q.detach(), y)`` (METHODS.md section 1; arXiv 2209.00183).
 
-    Two projectors on the backbone features ``h (N, D)``: F is the model's own projector, giving the image
-    feature ``f = embedding (N, P)``; G is a second :class:`~ltcore.models.heads.ProjectionMLP` owned by the
-    recipe (``state_modules()['query_head']``, learnable), giving the query ``q = G(h) (N, P)``.
+    Two projectors on the backbone features ``h (N, D)``, both trained:
 
-    **Interpretation** (the paper does not say what the keys are): the keys that feed the prototypes, the queue
-    and the proto-loss's instance targets are ``k = f.detach()``, the same batch's image features from F, so
-    the query learns to match class structure expressed in F's space (MoCo-style: keys carry no gradient).
-    F is then trained by nothing but the backbone moving under it; a zero-weighted ``0 * f.sum()`` keeps its
-    parameters in the graph so that DDP (``find_unused_parameters=False``) sees a gradient for every parameter.
-    The classification CE is on the model's logits (head on ``h``), so stage-2 calibrators see the usual model.
+    - F, the image-feature projector, is a neck the recipe puts into the model (:meth:`LTModel.set_neck`, an
+      MLP D -> D -> D): ``f = F(h)`` is what the model's classifier head reads, so F learns through the CE
+      term, and prediction, stage-2 calibrators and checkpoints all see ``f``;
+    - G, the query projector (:class:`~ltcore.models.heads.ProjectionMLP`, D -> D -> P, L2-normalised), owned
+      by the recipe (``state_modules()['query_head']``): ``q = G(h)`` feeds the proto-loss, so G learns
+      through ``L_pl`` (and the backbone through both terms).
 
-    Prototype/queue updates happen in ``after_step`` (after the optimiser step, as ``ProCoLoss`` asks), with the
-    batch's keys and labels gathered from every rank (no grad) so all ranks keep identical state.
+    **Interpretation** (METHODS.md leaves the key encoder open): no momentum copy of G; the keys are the
+    batch's own queries, detached (``k = q.detach()``), so the prototypes are EMAs of q and the queue holds
+    detached q. Prototype/queue updates happen in ``after_step`` (after the optimiser step, as ``ProCoLoss``
+    asks), with the batch's keys and labels gathered from every rank (no grad) so all ranks keep identical state.
 
     Args:
         criterion: the classification loss on the logits (CE).
         num_classes: C.
-        proj_dim: P, the dimension of q, f, prototypes and queue.
+        proj_dim: P, the dimension of q, prototypes and queue.
         class_counts: training count per class (C,), for the prototype recalibration weights.
         lam: weight of ``L_pl`` (1 in METHODS.md).
         temperature, momentum, queue_size, fgsm_eps, recal_gamma: :class:`~ltcore.losses.ProCoLoss` settings.
-        seed: seeds the initial prototypes and G's initial weights (identical on every rank).
+        seed: seeds the initial prototypes and the initial weights of F and G (identical on every rank).
     """
-
-    needs_projector = True
 
     def __init__(
         self,
@@ -217,9 +215,12 @@ class ProCoRecipe(_PaperRecipe):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, model: nn.Module) -> None:
+        """Install F as the model's neck (unless it has one: a resumed model) and build G, both seeded."""
         feat_dim = int(model.feat_dim)  # type: ignore[arg-type]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
+            if getattr(model, "neck", None) is None:
+                model.set_neck()  # type: ignore[operator]
             self.query_head = ProjectionMLP(feat_dim, feat_dim, self.proj_dim)
 
     def state_modules(self) -> nn.ModuleDict:
@@ -234,15 +235,14 @@ class ProCoRecipe(_PaperRecipe):
             raise RuntimeError("ProCoRecipe.setup(model) must be called before loss()")
         y = batch["label"]
         out = model(batch["image"])
-        ce = self.criterion(out["logits"], y)
-        f = _require(out, "embedding", "proco", "proj_dim > 0")  # (N, P)
+        h = _require(out, "backbone_features", "proco", "the neck ProCoRecipe.setup installs")  # (N, D)
+        ce = self.criterion(out["logits"], y)  # logits = head(F(h))
         with _fp32(y.device):
-            q = self.query_head(out["features"].float())  # (N, P)
-            k = f.detach().float()  # (N, P)
+            q = self.query_head(h.float())  # (N, P)
+            k = q.detach()  # (N, P)
             l_pl = self.proco(q, k, y)
-        loss = ce + self.lam * l_pl + 0.0 * f.sum()
         self._pending = (gather_rows(k), gather_rows(y))
-        return loss, {"ce": float(ce.detach()), "proco": float(l_pl.detach())}
+        return ce + self.lam * l_pl, {"ce": float(ce.detach()), "proco": float(l_pl.detach())}
 
     def after_step(self, model: nn.Module) -> None:
         if self._pending is not None:

@@ -15,7 +15,7 @@ from torch import nn
 from ltcore.augment.spmix import SPMix
 from ltcore.config import LossConfig
 from ltcore.methods import paper_recipes as pr
-from ltcore.methods.recipes import STAGE1, Stage1Recipe, build_stage1
+from ltcore.methods.recipes import STAGE1, Stage1Recipe, build_stage1, stage1_methods
 from ltcore.models import LTModel, build_model
 
 CLASSES = ["a", "b", "c"]
@@ -114,6 +114,39 @@ def test_recipe_trains_on_toy_batch(name: str, kw: dict[str, object]) -> None:
     assert last < first
 
 
+# every registered stage-1 recipe, with the settings that switch all of its terms on
+GRAD_CASES = [(name, {}) for name in stage1_methods() if name not in ("metric", "lmd_rrl", "spmix")] + [
+    ("metric", {"metric_loss": "triplet"}),
+    ("metric", {"metric_loss": "centre_triplet"}),
+    ("metric", {"metric_loss": "supcon"}),
+    ("lmd_rrl", {"rrl_start_epoch": -1}),
+    ("spmix", {"spmix_patch": 4, "spmix_prob": 1.0}),
+    ("jrcl", {"spmix": True, "spmix_patch": 4, "spmix_prob": 1.0}),  # a recipe composed with SPMix
+]
+
+
+def test_grad_cases_cover_every_registered_recipe() -> None:
+    assert {name for name, _ in GRAD_CASES} == set(stage1_methods())
+
+
+@pytest.mark.parametrize(("name", "kw"), GRAD_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, kw.values()))}" for n, kw in GRAD_CASES])
+def test_every_trainable_parameter_gets_a_nonzero_gradient(name: str, kw: dict[str, object]) -> None:
+    # A module that is in the optimiser but outside the loss (a dead projector) has an exactly zero gradient.
+    recipe = _build(name, **kw)
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    batch = _toy_batch(tail=recipe.needs_tail_stream)
+    recipe.start_epoch(9)  # the last epoch of 10: DRW weights on
+    loss, _ = recipe.loss(model, batch, 9)
+    loss.backward()
+    named = dict(nn.ModuleDict({"model": model, "extra": recipe.state_modules()}).named_parameters())
+    trainable = {k: p for k, p in named.items() if p.requires_grad}
+    assert trainable
+    dead = [k for k, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not dead, f"{name}: no gradient reaches {dead}"
+
+
 def test_registry_names_and_requirements() -> None:
     for name in ("proco", "metric", "jrcl", "lmd_rrl", "spmix"):
         assert name in STAGE1
@@ -183,11 +216,45 @@ def test_proco_needs_setup_and_updates_state_after_step() -> None:
     recipe.after_step(model)
     assert int(recipe.proco.queue_ptr) == 12  # 12 keys enqueued
     assert bool(recipe.proco.proto_initialised.all())
-    # the keys are the model's (normalised) embeddings of the batch
+    # the keys are the (normalised) queries q = G(h) of the batch, h the backbone features before the neck F
     with torch.no_grad():
-        emb = model(batch["image"])["embedding"]
-    torch.testing.assert_close(recipe.proco.queue_keys[:12], F.normalize(emb, dim=1))
+        q = extra["query_head"](model.backbone(batch["image"]))
+    torch.testing.assert_close(recipe.proco.queue_keys[:12], F.normalize(q, dim=1))
     torch.testing.assert_close(recipe.proco.queue_labels[:12], batch["label"])
+
+
+def test_proco_classifier_reads_f_and_f_learns_through_ce() -> None:
+    recipe = _build("proco", proco_lambda=0.0)  # CE alone: F (the neck) must still get a gradient
+    assert isinstance(recipe, pr.ProCoRecipe) and not recipe.needs_projector
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    assert model.neck is not None
+    batch = _toy_batch()
+    loss, logs = recipe.loss(model, batch, 0)
+    with torch.no_grad():
+        h = model.backbone(batch["image"])
+        ce_f = F.cross_entropy(model.head(model.neck(h)), batch["label"])  # CE(classifier(F(h)))
+        ce_h = F.cross_entropy(model.head(h), batch["label"])  # the old, wrong CE on h
+    assert logs["ce"] == pytest.approx(float(ce_f), rel=1e-6)
+    assert abs(float(ce_f) - float(ce_h)) > 1e-3
+    loss.backward()
+    for p in model.neck.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_proco_checkpoint_loads_into_a_model_built_without_the_neck() -> None:
+    # Evaluation and stage 2 build the model from the checkpoint's meta, without running the recipe's setup:
+    # the neck must come back from the state dict, and prediction must go through it.
+    recipe = _build("proco")
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    fresh = _mlp_model(recipe, seed=1)
+    assert fresh.neck is None
+    fresh.load_state_dict(model.state_dict())
+    x = _toy_batch()["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.classify(fresh.forward_features(x)), model(x)["logits"])
+        torch.testing.assert_close(fresh.forward_features(x), model.neck(model.backbone(x)))  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------------------ LMD
