@@ -20,8 +20,10 @@ statistics, decay 0.999).
 classes (its helper, documented as returning ``exp`` of the Mahalanobis distance, returns the raw squared
 distance ``M``, so ``mean M_other - mean M_own`` is minimised by moving toward other classes), and the GCE
 term is computed from classifier outputs taken under ``torch.no_grad``, so it sends no gradient to the
-backbone. We ship the corrected reading ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)``, which pulls a
-feature toward its own class Gaussian and pushes it away from the others, and GCE with gradients.
+backbone. We ship the corrected reading ``L_FDC = mean_i [M_iy/2 + logsumexp_c(-M_ic/2)]`` (the cross-entropy
+of the equal-prior Gaussian class posterior, in log space so that it does not underflow at realistic feature
+dimensions), which pulls a feature toward its own class Gaussian and pushes it away from the others, and GCE
+with gradients.
 In the public code the class statistics are smoothed once per ICC round with decay
 ``min(1 - 1/(r+1), 0.999)`` at round r, i.e. ``ClassGaussians.ema_update_(..., decay=ema_alpha(r))``.
 
@@ -377,20 +379,29 @@ class ClassGaussians(nn.Module):
 
 
 class FDCLoss(nn.Module):
-    """Feature-distribution calibration: ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)``.
+    """Feature-distribution calibration: ``L_FDC = mean_i [ M_iy/2 + logsumexp_c(-M_ic/2) ]``.
 
     ``M[i, c] = (f_i - mu_c)^T Sigma_c^{-1} (f_i - mu_c)`` is the squared Mahalanobis distance of feature i
-    to class c; "own" is ``c = y_i`` (mean over i), "other" every ``c != y_i`` (mean over all such pairs).
-    Minimising it pulls each feature toward its own class Gaussian and away from the others. The class
-    statistics are treated as constants (detached); precisions come from one Cholesky factorisation per call.
+    (B, D) to class c's Gaussian. The loss is the cross-entropy of the equal-prior Gaussian class posterior
+    ``softmax_c(-M_ic/2)`` at the true class, computed in log space: minimising it pulls each feature toward
+    its own class Gaussian and away from the others. The class statistics are treated as constants (detached);
+    precisions come from one Cholesky factorisation per call.
 
-    **Interpretation**: the public LMD code's FDC sign pulled features toward the *other* classes (it used the
-    raw distance M where ``exp(-M/2)`` was meant) and it computed the GCE term under no-grad; we ship this
-    corrected reading (METHODS.md section 4). LMD weights it by 1e-4 next to :class:`GeneralizedCELoss`; the
-    weight is the caller's.
+    **Interpretation** (METHODS.md section 4): the public LMD code's FDC pulled features toward the *other*
+    classes (it used the raw distance M where ``exp(-M/2)`` was meant) and computed the GCE term under
+    no-grad. A direct fix, ``mean exp(-M_other/2) - mean exp(-M_own/2)``, is numerically zero, loss and
+    gradient, for feature dimensions above ~64 (M grows with D, and ``exp(-M/2)`` underflows); the log-space
+    form here has the same optimum and stays finite and informative at D = 1280. The log-determinants of the
+    covariances are left out, as in the public code's distance. LMD weights it by 1e-4 next to
+    :class:`GeneralizedCELoss`; the weight is the caller's.
 
     Raises:
         ValueError: in ``forward`` on mismatched shapes, fewer than 2 classes, or labels out of range.
+
+    Example (a feature on its own mean, far from the other class: loss ~ 0, its infimum):
+        >>> means, covs = torch.tensor([[0.0, 0.0], [100.0, 0.0]]), torch.eye(2).repeat(2, 1, 1)
+        >>> FDCLoss()(torch.zeros(1, 2), torch.tensor([0]), means, covs).item()
+        0.0
     """
 
     def forward(
@@ -426,6 +437,5 @@ class FDCLoss(nn.Module):
         # M = diff^T cov^-1 diff = ||L^-1 diff||^2
         sol = torch.linalg.solve_triangular(chol, diff, upper=False)  # (C, D, B)
         maha = sol.pow(2).sum(1).t()  # (B, C)
-        density = torch.exp(-0.5 * maha)  # (B, C)
-        own = F.one_hot(labels, c).to(torch.bool)  # (B, C)
-        return density[~own].mean() - density[own].mean()
+        # -log softmax_y(-M/2) = M_y/2 + logsumexp_c(-M_c/2): no exp of -M/2 on its own, so no underflow
+        return F.cross_entropy(-0.5 * maha, labels)
