@@ -102,6 +102,9 @@ class LossConfig:
     rrl_w_prob: float = 5.0
     rrl_w_batch: float = 10.0
     rrl_w_chan: float = 10.0
+    # L_chan divided by D/4 ("dim"; equals the public B at D=512, B=128, and does not grow with D/B) or by B
+    # ("batch", the public code)
+    rrl_chan_norm: Literal["dim", "batch"] = "dim"
     # SPMix augmentation (any method)
     spmix: bool = False
     spmix_alpha: float = 0.8

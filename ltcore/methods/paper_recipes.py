@@ -442,15 +442,17 @@ class LMDRRLRecipe(_PaperRecipe):
         criterion: the classification loss (CE).
         start_epoch: the relation terms are on for ``epoch > start_epoch`` (20 in the paper, 0-based epochs).
         w_prob, w_batch, w_chan: weights (5, 10, 10).
+        chan_norm: ``L_chan`` divided by D / 4 (``"dim"``) or by B (``"batch"``, the public code); see
+            :class:`~ltcore.losses.RelationDistillationLoss`.
     """
 
     views = ("weak", "strong")
 
     def __init__(self, *, criterion: nn.Module, start_epoch: int = 20, w_prob: float = 5.0, w_batch: float = 10.0,
-                 w_chan: float = 10.0) -> None:
+                 w_chan: float = 10.0, chan_norm: str = "dim") -> None:
         super().__init__(criterion)
         self.rrl_start_epoch = int(start_epoch)
-        self.relation = RelationDistillationLoss(w_prob=w_prob, w_batch=w_batch, w_chan=w_chan)
+        self.relation = RelationDistillationLoss(w_prob=w_prob, w_batch=w_batch, w_chan=w_chan, chan_norm=chan_norm)
         self.counter = _StepCounter()
         self.teacher: nn.Module | None = None
 
@@ -500,7 +502,7 @@ class LMDRRLRecipe(_PaperRecipe):
 @register_stage1("lmd_rrl")
 def _lmd_rrl(*, loss_cfg: Any, **_: Any) -> Stage1Recipe:
     return LMDRRLRecipe(criterion=_ce(loss_cfg), start_epoch=loss_cfg.rrl_start_epoch, w_prob=loss_cfg.rrl_w_prob,
-                        w_batch=loss_cfg.rrl_w_batch, w_chan=loss_cfg.rrl_w_chan)
+                        w_batch=loss_cfg.rrl_w_batch, w_chan=loss_cfg.rrl_w_chan, chan_norm=loss_cfg.rrl_chan_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------

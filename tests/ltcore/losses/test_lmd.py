@@ -79,30 +79,59 @@ def test_active_switch() -> None:
 # ---------------------------------------------------------------- relation distillation
 
 
-def test_relation_hand_values() -> None:
-    z_s = torch.zeros(2, 2)
-    z_t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
-    a_s = torch.eye(2)
-    a_t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    out = RelationDistillationLoss()(z_s, z_t, a_s, a_t)
-    # Row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; row 1: 0. Mean over 2.
-    prob = (0.75 * math.log(1.5) - 0.25 * math.log(2.0)) / 2  # 0.065406
-    # S = I; S' = A'A'^T = [[1,1],[1,2]] -> rows [1,1]/sqrt2, [1,2]/sqrt5.
-    # sum (S - S')^2 = (1 - 1/sqrt2)^2 + 1/2 + 1/5 + (1 - 2/sqrt5)^2 = 4 - sqrt2 - 4/sqrt5 = 0.796932; / B=2.
-    batch = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2  # 0.398466
-    # G = I; G' = A'^T A' = [[2,1],[1,1]] -> rows [2,1]/sqrt5, [1,1]/sqrt2: the same squared sum, / 2.
-    chan = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2
+# B = 3 samples, D = 2 channels: B != D, so a mix-up of A A^T (B x B) and A^T A (D x D) changes the numbers.
+A_S = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+A_T = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+# S = A A^T = [[1,0,1],[0,1,1],[1,1,2]] -> rows [1,0,1]/sqrt2, [0,1,1]/sqrt2, [1,1,2]/sqrt6;
+# S' = [[1,1,0],[1,1,0],[0,0,1]] -> rows [1,1,0]/sqrt2 (twice), [0,0,1]. Squared row differences:
+# [0,-1,1]/sqrt2 -> 1; [-1,0,1]/sqrt2 -> 1; [1/sqrt6, 1/sqrt6, 2/sqrt6 - 1] -> 2 - 4/sqrt6. Sum 4 - 4/sqrt6 = 2.367007.
+BATCH_SQ = 4 - 4 / math.sqrt(6)
+# G = A^T A = [[2,1],[1,2]] -> rows [2,1]/sqrt5, [1,2]/sqrt5; G' = [[2,0],[0,1]] -> rows [1,0], [0,1].
+# Each row differs by (2/sqrt5 - 1)^2 + 1/5 = 2 - 4/sqrt5; sum 4 - 8/sqrt5 = 0.422291.
+CHAN_SQ = 4 - 8 / math.sqrt(5)
+
+
+def test_relation_hand_values_batch_and_channel_terms() -> None:
+    z_s = torch.zeros(3, 2)
+    z_t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])
+    out = RelationDistillationLoss()(z_s, z_t, A_S, A_T)
+    # Row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; rows 1, 2: 0. Mean over 3.
+    prob = (0.75 * math.log(1.5) - 0.25 * math.log(2.0)) / 3  # 0.043604
+    batch = BATCH_SQ / 3  # / B = 0.789002
+    chan = CHAN_SQ / (2 / 4)  # / (D / 4) = 0.844582 (the default chan_norm="dim")
     assert out["prob"].item() == pytest.approx(prob, rel=1e-5)
     assert out["batch"].item() == pytest.approx(batch, rel=1e-5)
     assert out["chan"].item() == pytest.approx(chan, rel=1e-5)
     assert out["total"].item() == pytest.approx(5 * prob + 10 * batch + 10 * chan, rel=1e-5)
 
 
+def test_relation_channel_term_public_form_divides_by_batch() -> None:
+    out = RelationDistillationLoss(chan_norm="batch")(torch.zeros(3, 2), torch.zeros(3, 2), A_S, A_T)
+    assert out["chan"].item() == pytest.approx(CHAN_SQ / 3, rel=1e-5)  # 0.140764
+    assert out["batch"].item() == pytest.approx(BATCH_SQ / 3, rel=1e-5)  # unchanged
+
+
+def test_relation_channel_scale_equals_public_form_at_public_setting() -> None:
+    # ResNet-18 features (D = 512) at B = 128: D / 4 = B, so both normalisations give the same term.
+    g = torch.Generator().manual_seed(0)
+    a_s, a_t = torch.randn(128, 512, generator=g), torch.randn(128, 512, generator=g)
+    z = torch.zeros(128, 3)
+    dim = RelationDistillationLoss(chan_norm="dim")(z, z, a_s, a_t)["chan"]
+    batch = RelationDistillationLoss(chan_norm="batch")(z, z, a_s, a_t)["chan"]
+    torch.testing.assert_close(dim, batch)
+    # EfficientNet-Lite0 (D = 1280) at B = 64: the public form is D / (4 B) = 5x the default
+    a_s, a_t = torch.randn(64, 1280, generator=g), torch.randn(64, 1280, generator=g)
+    z = torch.zeros(64, 3)
+    dim = RelationDistillationLoss(chan_norm="dim")(z, z, a_s, a_t)["chan"]
+    batch = RelationDistillationLoss(chan_norm="batch")(z, z, a_s, a_t)["chan"]
+    torch.testing.assert_close(batch, 5 * dim)
+
+
 def test_relation_weights() -> None:
-    z_s, z_t = torch.zeros(2, 2), torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
-    a_s, a_t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    out = RelationDistillationLoss(w_prob=1.0, w_batch=0.0, w_chan=2.0)(z_s, z_t, a_s, a_t)
+    out = RelationDistillationLoss(w_prob=1.0, w_batch=0.0, w_chan=2.0)(torch.zeros(3, 2), torch.ones(3, 2), A_S, A_T)
     assert out["total"].item() == pytest.approx(out["prob"].item() + 2 * out["chan"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="chan_norm"):
+        RelationDistillationLoss(chan_norm="sample")
 
 
 def test_relation_identity_teacher_equals_student() -> None:

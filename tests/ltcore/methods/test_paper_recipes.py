@@ -275,6 +275,13 @@ def test_lmd_rrl_terms_off_before_start_epoch() -> None:
     assert logs["rrl_prob"] > 0 and logs["rrl_batch"] > 0 and logs["rrl_chan"] > 0
 
 
+def test_lmd_rrl_channel_scale_from_config() -> None:
+    recipe = _build("lmd_rrl")
+    assert isinstance(recipe, pr.LMDRRLRecipe) and recipe.relation.chan_norm == "dim"  # the default
+    recipe = _build("lmd_rrl", rrl_chan_norm="batch")
+    assert isinstance(recipe, pr.LMDRRLRecipe) and recipe.relation.chan_norm == "batch"
+
+
 def test_lmd_rrl_teacher_equal_student_gives_zero_relation_terms() -> None:
     recipe = _build("lmd_rrl", rrl_start_epoch=-1)
     model = _mlp_model(recipe)
