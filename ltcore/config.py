@@ -85,7 +85,8 @@ class LossConfig:
     la_tau: float = 1.0
     # metric learning (Zeng et al.)
     metric_loss: Literal["triplet", "centre_triplet", "supcon"] = "supcon"
-    metric_lambda: float = 1.0
+    # weight of the metric loss; "auto": the chosen loss's own default (0.03 triplet, 0.07 centre_triplet, 1.0 supcon)
+    metric_lambda: float | Literal["auto"] = "auto"
     metric_margin: float = 0.2
     temperature: float = 0.1
     # ProCo

@@ -4,8 +4,9 @@
 name                    loss
 ======================  ==================================================================================
 ``proco``               ``CE + proco_lambda * L_pl`` (ProCo, Yang, Pan et al., MICCAI 2022, arXiv 2209.00183)
-``metric``              ``CE + metric_lambda * L_metric`` (Zeng et al., arXiv 2207.06975): batch-hard
-                        triplet, class-centre triplet or SupCon, chosen by ``loss.metric_loss``
+``metric``              ``CE + lambda * L_metric`` (Zeng et al., arXiv 2207.06975): batch-hard triplet,
+                        class-centre triplet or SupCon, chosen by ``loss.metric_loss``; lambda 0.03 / 0.07 /
+                        1.0 unless ``loss.metric_lambda`` is set
 ``jrcl``                ``CE + L_SCL(one-to-all) + L_BDC + CE_aux`` (JRCL, Guan et al.)
 ``lmd_rrl``             ``CE + [epoch > rrl_start_epoch] * L_RRL`` against an EMA teacher (LMD stage 1,
                         Pan et al., arXiv 2502.03238)
@@ -262,22 +263,24 @@ def _proco(*, loss_cfg: Any, class_counts: Sequence[int], proj_dim: int, **_: An
 # 2. Metric learning in stage 1 (Zeng et al.)
 
 METRIC_LOSSES = ("triplet", "centre_triplet", "supcon")
+#: lambda of ``L1 = CE + lambda * L_metric`` per loss, from the authors' public configs (METHODS.md section 2)
+METRIC_LAMBDAS = {"triplet": 0.03, "centre_triplet": 0.07, "supcon": 1.0}
 
 
 class MetricRecipe(_PaperRecipe):
     """``L1 = CE + lambda * L_metric`` on the model's L2-normalised ``embedding`` (METHODS.md section 2).
 
     **Interpretation** (from the authors' public configs): ``L_metric`` is batch-hard triplet (lambda 0.03,
-    margin 0.2), class-centre triplet (lambda 0.07) or SupCon (lambda 1.0, tau 0.1). The config has one
-    ``loss.metric_lambda`` (default 1.0, right for SupCon); configs that pick a triplet loss must set it
-    (0.03 / 0.07). SupCon uses two weak views (``image``, ``image2``), forwarded as one batch; the embeddings
-    enter as ``(N, 2, P)`` and CE is on the first view's logits. The triplet losses use one view and profit
-    from P x K class-balanced batches (:class:`~ltcore.methods.pk.PKBatcher`).
+    margin 0.2), class-centre triplet (lambda 0.07) or SupCon (lambda 1.0, tau 0.1); ``lam=None`` takes the
+    chosen loss's lambda (:data:`METRIC_LAMBDAS`), a number overrides it. SupCon uses two weak views (``image``,
+    ``image2``), forwarded as one batch; the embeddings enter as ``(N, 2, P)`` and CE is on the first view's
+    logits. The triplet losses use one view and profit from P x K class-balanced batches
+    (:class:`~ltcore.methods.pk.PKBatcher`).
 
     Args:
         criterion: the classification loss (CE).
         metric: ``triplet``, ``centre_triplet`` or ``supcon``.
-        lam: weight of the metric loss.
+        lam: weight of the metric loss; None for the loss's own default.
         margin: triplet margin.
         temperature: SupCon tau.
 
@@ -287,11 +290,12 @@ class MetricRecipe(_PaperRecipe):
 
     needs_projector = True
 
-    def __init__(self, *, criterion: nn.Module, metric: str, lam: float, margin: float = 0.2,
+    def __init__(self, *, criterion: nn.Module, metric: str, lam: float | None = None, margin: float = 0.2,
                  temperature: float = 0.1) -> None:
         super().__init__(criterion)
         if metric not in METRIC_LOSSES:
             raise ValueError(f"loss.metric_loss {metric!r} is not valid; choose one of {', '.join(METRIC_LOSSES)}")
+        lam = METRIC_LAMBDAS[metric] if lam is None else lam
         if lam < 0:
             raise ValueError(f"loss.metric_lambda must be >= 0, got {lam}")
         self.metric_name, self.lam = metric, float(lam)
@@ -325,7 +329,8 @@ class MetricRecipe(_PaperRecipe):
 @register_stage1("metric")
 def _metric(*, loss_cfg: Any, proj_dim: int, **_: Any) -> Stage1Recipe:
     _check_proj_dim("metric", proj_dim)
-    return MetricRecipe(criterion=_ce(loss_cfg), metric=loss_cfg.metric_loss, lam=loss_cfg.metric_lambda,
+    lam = None if loss_cfg.metric_lambda == "auto" else float(loss_cfg.metric_lambda)
+    return MetricRecipe(criterion=_ce(loss_cfg), metric=loss_cfg.metric_loss, lam=lam,
                         margin=loss_cfg.metric_margin, temperature=loss_cfg.temperature)
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcore.augment.spmix import SPMix
-from ltcore.config import LossConfig
+from ltcore.config import ConfigError, LossConfig, from_dict, load_config, to_dict
 from ltcore.methods import paper_recipes as pr
 from ltcore.methods.recipes import STAGE1, Stage1Recipe, build_stage1, stage1_methods
 from ltcore.models import LTModel, build_model
@@ -85,8 +85,8 @@ def _train(recipe: Stage1Recipe, model: nn.Module, batch: dict[str, torch.Tensor
 
 RECIPES = [
     ("proco", {}),
-    ("metric", {"metric_loss": "triplet", "metric_lambda": 0.03}),
-    ("metric", {"metric_loss": "centre_triplet", "metric_lambda": 0.07}),
+    ("metric", {"metric_loss": "triplet"}),
+    ("metric", {"metric_loss": "centre_triplet"}),
     ("metric", {"metric_loss": "supcon"}),
     ("jrcl", {"normal_class": "a"}),
     # relation terms on from epoch 0; the channel term (weight 10) has gradients of norm ~100 on this untrained
@@ -188,6 +188,44 @@ def test_metric_supcon_value_is_ce_plus_supcon() -> None:
         z = torch.stack([out["embedding"][:n], out["embedding"][n:]], dim=1)
         sc = pr.SupConLoss(temperature=0.1)(z, batch["label"])
     assert float(loss.detach()) == pytest.approx(float(ce + 0.5 * sc), rel=1e-5)
+
+
+@pytest.mark.parametrize(("metric", "lam"), [("triplet", 0.03), ("centre_triplet", 0.07), ("supcon", 1.0)])
+def test_metric_lambda_default_per_loss_and_user_value_wins(metric: str, lam: float) -> None:
+    recipe = _build("metric", metric_loss=metric)  # metric_lambda left at its default, "auto"
+    assert isinstance(recipe, pr.MetricRecipe) and recipe.lam == lam
+    for user in (0.5, 1.0, 0.0):  # any value the user sets wins, 1.0 included
+        recipe = _build("metric", metric_loss=metric, metric_lambda=user)
+        assert isinstance(recipe, pr.MetricRecipe) and recipe.lam == user
+
+
+def test_metric_triplet_default_value_is_ce_plus_0_03_triplet() -> None:
+    recipe = _build("metric", metric_loss="triplet")
+    model = _mlp_model(recipe)
+    batch = _toy_batch()
+    loss, _ = recipe.loss(model, batch, 0)
+    with torch.no_grad():
+        out = model(batch["image"])
+        ce = F.cross_entropy(out["logits"], batch["label"])
+        tri = pr.BatchHardTripletLoss(margin=0.2)(out["embedding"], batch["label"])
+    assert float(tri) > 0.1  # a live term, so a wrong weight shows
+    assert float(loss.detach()) == pytest.approx(float(ce + 0.03 * tri), rel=1e-5)
+
+
+def test_shipped_metric_configs_mean_what_they_say() -> None:
+    # ham10000_metric.yaml: "SupCon, lambda 1.0, tau 0.1"
+    repo = Path(__file__).resolve().parents[3]
+    cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"))
+    loss = cfg.stage1.loss
+    assert (cfg.stage1.method, loss.metric_loss, loss.metric_lambda, loss.temperature) == ("metric", "supcon", 1.0, 0.1)
+    # "auto" and numbers both parse from overrides and survive the saved-config round trip
+    for text, value in (("auto", "auto"), ("0.03", 0.03)):
+        cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"),
+                          [f"stage1.loss.metric_lambda={text}", "stage1.loss.metric_loss=triplet"])
+        assert cfg.stage1.loss.metric_lambda == value
+        assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="metric_lambda"):
+        load_config(None, ["stage1.loss.metric_lambda=large"])
 
 
 def test_two_view_recipe_needs_image2() -> None:
