@@ -430,8 +430,8 @@ class LMDRRLRecipe(_PaperRecipe):
     """LMD stage 1 (RRL): ``CE(z_s) + [epoch > start] * (w_p L_prob + w_b L_batch + w_c L_chan)`` (METHODS.md 4).
 
     The student (the model) sees the strong view ``image2``; the teacher, an EMA copy of the student made in
-    ``setup`` (``requires_grad=False``, in ``state_modules()['teacher']`` so it is checkpointed), sees the weak
-    view ``image`` under no-grad. After every optimiser step ``after_step`` sets
+    ``setup`` (``requires_grad=False``, in ``state_modules()['teacher']`` so it is checkpointed), sees the
+    resize + flip view ``image`` under no-grad. After every optimiser step ``after_step`` sets
     ``teacher <- a teacher + (1 - a) student`` with ``a = ema_alpha(t) = min(1 - 1/(t+1), 0.999)`` at the
     step counter ``t`` (a buffer, also checkpointed); the EMA runs from the first step, also before the
     relation terms switch on.
@@ -451,7 +451,8 @@ class LMDRRLRecipe(_PaperRecipe):
             :class:`~ltcore.losses.RelationDistillationLoss`.
     """
 
-    views = ("weak", "strong")
+    #: teacher view ``image``: resize + flips; student view ``image2``: the strong augmentation (METHODS.md 4)
+    views = ("resize_flip", "strong")
 
     def __init__(self, *, criterion: nn.Module, start_epoch: int = 20, w_prob: float = 5.0, w_batch: float = 10.0,
                  w_chan: float = 10.0, chan_norm: str = "dim") -> None:
@@ -477,7 +478,8 @@ class LMDRRLRecipe(_PaperRecipe):
         if self.teacher is None:
             raise RuntimeError("LMDRRLRecipe.setup(model) must be called before loss()")
         if "image2" not in batch:
-            raise ValueError("stage1.method='lmd_rrl' needs the weak view 'image' and the strong view 'image2'")
+            raise ValueError("stage1.method='lmd_rrl' needs the teacher view 'image' (resize + flip) and the "
+                             "strong view 'image2'")
         y = batch["label"]
         out = model(batch["image2"])  # student: strong view
         ce = self.criterion(out["logits"], y)
@@ -485,7 +487,7 @@ class LMDRRLRecipe(_PaperRecipe):
         if not active(epoch, self.rrl_start_epoch):
             return ce, logs
         with torch.no_grad():
-            t_out = self.teacher(batch["image"])  # teacher: weak view
+            t_out = self.teacher(batch["image"])  # teacher: resize + flip view
         with _fp32(y.device):
             rel = self.relation(
                 gather_rows(out["logits"].float(), differentiable=True),

@@ -154,7 +154,7 @@ def test_registry_names_and_requirements() -> None:
     assert _build("metric", metric_loss="triplet").views == ("weak",)
     jrcl = _build("jrcl")
     assert jrcl.needs_projector and jrcl.needs_aux_binary and jrcl.views == ("weak", "weak")
-    assert _build("lmd_rrl").views == ("weak", "strong")
+    assert _build("lmd_rrl").views == ("resize_flip", "strong")  # teacher: resize + flips; student: strong
     assert _build("spmix").needs_tail_stream
     for name in ("proco", "metric", "jrcl", "lmd_rrl", "spmix"):
         assert not _build(name).find_unused_parameters
