@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcore.augment.spmix import SPMix
+from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ltcore.losses import (
     BatchHardTripletLoss,
     BDCLoss,
@@ -597,17 +598,22 @@ class SPMixRecipe(Stage1Recipe):
         self.inner.after_step(model)
 
 
+def _mixer(loss_cfg: Any) -> SPMix:
+    # The engine hands recipes batches normalised with the ImageNet statistics (transforms.normalize_images);
+    # SPMix undoes that for the saliency, which must see the image as it is.
+    return SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 def with_augmentations(recipe: Stage1Recipe, loss_cfg: Any, seed: int = 0) -> Stage1Recipe:
     """Wrap ``recipe`` in :class:`SPMixRecipe` when ``loss_cfg.spmix`` is true (and it is not wrapped already)."""
     if not loss_cfg.spmix or isinstance(recipe, SPMixRecipe):
         return recipe
-    mixer = SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob)
-    return SPMixRecipe(recipe, mixer, seed=seed)
+    return SPMixRecipe(recipe, _mixer(loss_cfg), seed=seed)
 
 
 @register_stage1("spmix")
 def _spmix(*, loss_cfg: Any, **kwargs: Any) -> Stage1Recipe:
     """SPMix with plain CE. **Interpretation**: the paper trains with GPaCo; we ship CE so that SPMix is
     compared with the other methods on the same loss (and composes with any of them via ``loss.spmix``)."""
-    mixer = SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob)
-    return SPMixRecipe(Stage1Recipe(_ce(loss_cfg)), mixer, seed=int(kwargs.get("seed", 0)))
+    return SPMixRecipe(Stage1Recipe(_ce(loss_cfg)), _mixer(loss_cfg), seed=int(kwargs.get("seed", 0)))

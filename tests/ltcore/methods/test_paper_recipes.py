@@ -415,6 +415,13 @@ def test_spmix_reproducible_per_epoch() -> None:
     assert not torch.equal(outs[0], outs[2])
 
 
+def test_spmix_recipes_compute_saliency_on_unnormalised_images() -> None:
+    # the engine normalises batches with the ImageNet statistics; the mixers undo that for the saliency
+    for recipe in (_build("spmix"), _build("jrcl", spmix=True)):
+        assert isinstance(recipe, pr.SPMixRecipe)
+        assert recipe.spmix.mean == (0.485, 0.456, 0.406) and recipe.spmix.std == (0.229, 0.224, 0.225)
+
+
 def test_spmix_missing_tail_stream() -> None:
     recipe = pr.SPMixRecipe(_Spy(), SPMix(patch=4), seed=0)
     with pytest.raises(ValueError, match="tail_image"):
