@@ -173,7 +173,8 @@ class LossConfig:
     la_tau: float = 1.0
     # metric learning (Zeng et al.)
     metric_loss: Literal["triplet", "centre_triplet", "supcon"] = "supcon"
-    metric_lambda: float = 1.0
+    # weight of the metric loss; "auto": the chosen loss's own default (0.03 triplet, 0.07 centre_triplet, 1.0 supcon)
+    metric_lambda: float | Literal["auto"] = "auto"
     metric_margin: float = 0.2
     temperature: float = 0.1
     # ProCo
@@ -190,6 +191,9 @@ class LossConfig:
     rrl_w_prob: float = 5.0
     rrl_w_batch: float = 10.0
     rrl_w_chan: float = 10.0
+    # L_chan divided by D/4 ("dim"; equals the public B at D=512, B=128, and does not grow with D/B) or by B
+    # ("batch", the public code)
+    rrl_chan_norm: Literal["dim", "batch"] = "dim"
     # SPMix augmentation (any method)
     spmix: bool = False
     spmix_alpha: float = 0.8

@@ -14,11 +14,17 @@ backbone); saliency comes from the spectral-residual static method computed on t
 (:func:`~ltcore.augment.saliency.spectral_residual_saliency`) unless precomputed maps are passed; each sample
 is mixed with probability ``prob`` and an unmixed sample is returned as its tail image unchanged. Drawing A
 class-balanced and B instance-balanced is the data pipeline's job.
+
+Saliency is computed on the image before normalisation: the spectral-residual map of a per-channel normalised
+image ``(x - mean) / std`` is not the map of ``x`` (the channel offsets and scales change the grey image). With
+``mean`` and ``std`` given, :class:`SPMix` undoes the normalisation for the saliency and mixes the normalised
+images as they are: the mix is a convex combination per pixel, so it commutes with the per-channel affine
+normalisation, and the result equals normalising the mix of the raw images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +117,13 @@ class SPMix:
         prob: per-sample probability of mixing; an unmixed sample is its tail image unchanged.
         saliency_fn: maps images (B, 3, H, W) to saliency (B, 1, H, W) in [0, 1]; used when no
             precomputed maps are passed to ``__call__``.
+        mean, std: the per-channel normalisation the input images carry, ``x_in = (x - mean) / std`` (e.g. the
+            ImageNet statistics of :func:`~ltcore.data.transforms.normalize_images`); saliency is then computed
+            on ``x_in * std + mean``. None (both): the images are used as they are.
 
     Raises:
-        ValueError: if ``alpha`` or ``prob`` is outside ``[0, 1]`` or ``patch < 1``.
+        ValueError: if ``alpha`` or ``prob`` is outside ``[0, 1]``, ``patch < 1``, or only one of ``mean`` and
+            ``std`` is given, or a ``std`` entry is not positive.
     """
 
     def __init__(
@@ -122,6 +132,8 @@ class SPMix:
         patch: int = 16,
         prob: float = 0.5,
         saliency_fn: Callable[[torch.Tensor], torch.Tensor] = spectral_residual_saliency,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -129,8 +141,22 @@ class SPMix:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
         if patch < 1:
             raise ValueError(f"patch must be >= 1, got {patch}")
+        if (mean is None) != (std is None):
+            raise ValueError("give both mean and std (the input normalisation) or neither")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std must be positive, got {tuple(std)}")
         self.alpha, self.patch, self.prob = float(alpha), int(patch), float(prob)
         self.saliency_fn = saliency_fn
+        self.mean = None if mean is None else tuple(float(m) for m in mean)
+        self.std = None if std is None else tuple(float(v) for v in std)
+
+    def saliency(self, images: torch.Tensor) -> torch.Tensor:
+        """``saliency_fn`` of the images before normalisation, ``(B, C, H, W)`` -> ``(B, 1, H, W)``."""
+        if self.mean is None or self.std is None:
+            return self.saliency_fn(images)
+        mean = torch.tensor(self.mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std = torch.tensor(self.std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+        return self.saliency_fn(images * std + mean)
 
     def __call__(
         self,
@@ -165,11 +191,11 @@ class SPMix:
             return x_tail.clone(), y_tail.clone()
         idx = mask.nonzero().squeeze(1)
         xa, xb = x_tail[idx], x_head[idx]
-        sa = self.saliency_fn(xa) if sal_tail is None else sal_tail[idx]
-        sb = self.saliency_fn(xb) if sal_head is None else sal_head[idx]
+        sa = self.saliency(xa) if sal_tail is None else sal_tail[idx]
+        sb = self.saliency(xb) if sal_head is None else sal_head[idx]
         out = x_tail.clone()
         out[idx] = spmix(xa, xb, sa, sb, alpha=self.alpha, patch=self.patch)
         return out, y_tail.clone()
 
     def __repr__(self) -> str:
-        return f"SPMix(alpha={self.alpha}, patch={self.patch}, prob={self.prob})"
+        return f"SPMix(alpha={self.alpha}, patch={self.patch}, prob={self.prob}, mean={self.mean}, std={self.std})"

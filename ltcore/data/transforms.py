@@ -6,7 +6,11 @@ and normalisation come last and can be split off (``normalize=False`` + :func:`n
 ingest move uint8 images (a quarter of the bytes) and normalise them where they are consumed.
 
 - ``weak``: random resized crop (scale 0.6-1) and horizontal + vertical flips (dermoscopy and X-ray crops have
-  no canonical left/right; LMD's teacher view is "resize, flips").
+  no canonical left/right).
+- ``resize_flip``: LMD's teacher view, "resize, flips" (Pan et al., arXiv 2502.03238): the test view's resize
+  and centre crop, then random horizontal + vertical flips; no random crop, so the teacher sees the whole
+  image at one scale. **Interpretation**: the public code resizes to a square (albumentations ``Resize``);
+  we keep the aspect ratio as the test view does, so the teacher and the evaluated model see the same geometry.
 - ``strong``: LMD's student augmentation (Pan et al., arXiv 2502.03238: flips, blur, shift-scale-rotate,
   distortions, colour shift, brightness/contrast, grid dropout). **Interpretation**: the public code uses
   albumentations; these are the torchvision equivalents, with albumentations' default magnitudes for
@@ -34,8 +38,8 @@ from torchvision.transforms import v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-TransformKind = Literal["weak", "strong", "test"]
-KINDS: tuple[str, ...] = ("weak", "strong", "test")
+TransformKind = Literal["weak", "strong", "test", "resize_flip"]
+KINDS: tuple[str, ...] = ("weak", "strong", "test", "resize_flip")
 
 
 def decode_image(data: bytes | bytearray | memoryview) -> torch.Tensor:
@@ -113,6 +117,8 @@ def build_transform(
     ops: list[nn.Module] = [v2.ToImage()]
     if kind == "test":
         ops += [v2.Resize(s, antialias=True), v2.CenterCrop(s)]
+    elif kind == "resize_flip":
+        ops += [v2.Resize(s, antialias=True), v2.CenterCrop(s), v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     elif kind == "weak":
         ops += [v2.RandomResizedCrop(s, scale=(0.6, 1.0), antialias=True),
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]

@@ -11,6 +11,8 @@ features ``A (B, D)`` (primes mark the teacher)::
     L_batch = sum((S - S')^2) / B,  S = rownorm(A A^T)   (B, B)
     L_chan  = sum((G - G')^2) / B,  G = rownorm(A^T A)   (D, D)
 
+(we divide ``L_chan`` by ``D / 4`` instead of B by default, see :class:`RelationDistillationLoss`).
+
 Stage 2 (ICC) alternates an M-step (a fresh linear classifier trained on virtual features sampled from one
 Gaussian per class, mean and unbiased covariance + 0.01 I) and an E-step (backbone fine-tuned with the
 generalised CE ``(1 - p_y^q)/q``, q = 0.7, plus ``1e-4 * L_FDC`` computed from EMA-smoothed class
@@ -20,8 +22,10 @@ statistics, decay 0.999).
 classes (its helper, documented as returning ``exp`` of the Mahalanobis distance, returns the raw squared
 distance ``M``, so ``mean M_other - mean M_own`` is minimised by moving toward other classes), and the GCE
 term is computed from classifier outputs taken under ``torch.no_grad``, so it sends no gradient to the
-backbone. We ship the corrected reading ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)``, which pulls a
-feature toward its own class Gaussian and pushes it away from the others, and GCE with gradients.
+backbone. We ship the corrected reading ``L_FDC = mean_i [M_iy/2 + logsumexp_c(-M_ic/2)]`` (the cross-entropy
+of the equal-prior Gaussian class posterior, in log space so that it does not underflow at realistic feature
+dimensions), which pulls a feature toward its own class Gaussian and pushes it away from the others, and GCE
+with gradients.
 In the public code the class statistics are smoothed once per ICC round with decay
 ``min(1 - 1/(r+1), 0.999)`` at round r, i.e. ``ClassGaussians.ema_update_(..., decay=ema_alpha(r))``.
 
@@ -40,6 +44,7 @@ from torch import nn
 from ltcore.losses.ce import _check_inputs
 
 __all__ = [
+    "CHAN_NORMS",
     "ClassGaussians",
     "FDCLoss",
     "GeneralizedCELoss",
@@ -109,20 +114,31 @@ def _row_normalised_gram(a: torch.Tensor, transpose: bool) -> torch.Tensor:
     return F.normalize(gram, p=2, dim=1)
 
 
+CHAN_NORMS = ("dim", "batch")
+
+
 class RelationDistillationLoss(nn.Module):
     """Relation-aware distillation from an EMA teacher: ``w_prob L_prob + w_batch L_batch + w_chan L_chan``.
 
-    ``L_prob = KL(softmax(z_t) || softmax(z_s))`` (batch mean); ``L_batch = sum((S - S')^2)/B`` with
-    ``S = rownorm(A A^T)``; ``L_chan = sum((G - G')^2)/B`` with ``G = rownorm(A^T A)``. Teacher inputs are
-    detached. The CE term and the ``[epoch > 20]`` switch (see :func:`active`) are the caller's.
+    For logits ``z (B, C)`` and backbone features ``A (B, D)`` (primes mark the teacher, whose inputs are
+    detached): ``L_prob = KL(softmax(z') || softmax(z))`` (batch mean); ``L_batch = sum((S - S')^2) / B`` with
+    ``S = rownorm(A A^T)`` (B, B); ``L_chan = sum((G - G')^2) / n`` with ``G = rownorm(A^T A)`` (D, D). The CE
+    term and the ``[epoch > 20]`` switch (see :func:`active`) are the caller's.
+
+    **Interpretation** (METHODS.md section 4): the public code divides the channel term by ``n = B``, but
+    ``sum((G - G')^2)`` grows with D, so the term's weight relative to the others scales with ``D / B``. The
+    public weights were set for ResNet-18 (D = 512) at B = 128; with EfficientNet-Lite0 (D = 1280) at B = 64 the
+    same weight is 5x stronger. ``chan_norm="dim"`` (default) divides by ``n = D / 4`` instead, identical at the
+    public setting (512 / 4 = 128) and independent of the batch size; ``chan_norm="batch"`` is the public form.
 
     Args:
         w_prob: weight of the prediction-consistency term (5 in the paper).
         w_batch: weight of the sample-relation term (10).
         w_chan: weight of the channel-relation term (10).
+        chan_norm: ``"dim"`` (divide ``L_chan`` by D / 4) or ``"batch"`` (by B, the public code).
 
     Raises:
-        ValueError: on a negative weight, or in ``forward`` on mismatched shapes.
+        ValueError: on a negative weight or an unknown ``chan_norm``, or in ``forward`` on mismatched shapes.
 
     Example:
         >>> loss = RelationDistillationLoss()
@@ -131,12 +147,16 @@ class RelationDistillationLoss(nn.Module):
         0.0
     """
 
-    def __init__(self, w_prob: float = 5.0, w_batch: float = 10.0, w_chan: float = 10.0) -> None:
+    def __init__(self, w_prob: float = 5.0, w_batch: float = 10.0, w_chan: float = 10.0,
+                 chan_norm: str = "dim") -> None:
         super().__init__()
         for name, w in (("w_prob", w_prob), ("w_batch", w_batch), ("w_chan", w_chan)):
             if w < 0:
                 raise ValueError(f"{name} must be >= 0, got {w}")
+        if chan_norm not in CHAN_NORMS:
+            raise ValueError(f"chan_norm {chan_norm!r} is not valid; choose one of {', '.join(CHAN_NORMS)}")
         self.w_prob, self.w_batch, self.w_chan = float(w_prob), float(w_batch), float(w_chan)
+        self.chan_norm = chan_norm
 
     def forward(
         self,
@@ -164,17 +184,18 @@ class RelationDistillationLoss(nn.Module):
                 f"student_feats {tuple(student_feats.shape)} and teacher_feats {tuple(teacher_feats.shape)} must "
                 f"both be (B, D) with B = {student_logits.shape[0]} as in the logits"
             )
-        b = a_s.shape[0]
+        b, d = a_s.shape
         log_p_s = F.log_softmax(student_logits, dim=1)
         log_p_t = F.log_softmax(teacher_logits.detach(), dim=1)
         prob = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
         batch = (_row_normalised_gram(a_s, False) - _row_normalised_gram(a_t, False)).pow(2).sum() / b
-        chan = (_row_normalised_gram(a_s, True) - _row_normalised_gram(a_t, True)).pow(2).sum() / b
+        chan_sq = (_row_normalised_gram(a_s, True) - _row_normalised_gram(a_t, True)).pow(2).sum()
+        chan = chan_sq / (d / 4.0 if self.chan_norm == "dim" else b)
         total = self.w_prob * prob + self.w_batch * batch + self.w_chan * chan
         return {"prob": prob, "batch": batch, "chan": chan, "total": total}
 
     def extra_repr(self) -> str:
-        return f"w_prob={self.w_prob}, w_batch={self.w_batch}, w_chan={self.w_chan}"
+        return f"w_prob={self.w_prob}, w_batch={self.w_batch}, w_chan={self.w_chan}, chan_norm={self.chan_norm!r}"
 
 
 class GeneralizedCELoss(nn.Module):
@@ -377,20 +398,29 @@ class ClassGaussians(nn.Module):
 
 
 class FDCLoss(nn.Module):
-    """Feature-distribution calibration: ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)``.
+    """Feature-distribution calibration: ``L_FDC = mean_i [ M_iy/2 + logsumexp_c(-M_ic/2) ]``.
 
     ``M[i, c] = (f_i - mu_c)^T Sigma_c^{-1} (f_i - mu_c)`` is the squared Mahalanobis distance of feature i
-    to class c; "own" is ``c = y_i`` (mean over i), "other" every ``c != y_i`` (mean over all such pairs).
-    Minimising it pulls each feature toward its own class Gaussian and away from the others. The class
-    statistics are treated as constants (detached); precisions come from one Cholesky factorisation per call.
+    (B, D) to class c's Gaussian. The loss is the cross-entropy of the equal-prior Gaussian class posterior
+    ``softmax_c(-M_ic/2)`` at the true class, computed in log space: minimising it pulls each feature toward
+    its own class Gaussian and away from the others. The class statistics are treated as constants (detached);
+    precisions come from one Cholesky factorisation per call.
 
-    **Interpretation**: the public LMD code's FDC sign pulled features toward the *other* classes (it used the
-    raw distance M where ``exp(-M/2)`` was meant) and it computed the GCE term under no-grad; we ship this
-    corrected reading (METHODS.md section 4). LMD weights it by 1e-4 next to :class:`GeneralizedCELoss`; the
-    weight is the caller's.
+    **Interpretation** (METHODS.md section 4): the public LMD code's FDC pulled features toward the *other*
+    classes (it used the raw distance M where ``exp(-M/2)`` was meant) and computed the GCE term under
+    no-grad. A direct fix, ``mean exp(-M_other/2) - mean exp(-M_own/2)``, is numerically zero, loss and
+    gradient, for feature dimensions above ~64 (M grows with D, and ``exp(-M/2)`` underflows); the log-space
+    form here has the same optimum and stays finite and informative at D = 1280. The log-determinants of the
+    covariances are left out, as in the public code's distance. LMD weights it by 1e-4 next to
+    :class:`GeneralizedCELoss`; the weight is the caller's.
 
     Raises:
         ValueError: in ``forward`` on mismatched shapes, fewer than 2 classes, or labels out of range.
+
+    Example (a feature on its own mean, far from the other class: loss ~ 0, its infimum):
+        >>> means, covs = torch.tensor([[0.0, 0.0], [100.0, 0.0]]), torch.eye(2).repeat(2, 1, 1)
+        >>> FDCLoss()(torch.zeros(1, 2), torch.tensor([0]), means, covs).item()
+        0.0
     """
 
     def forward(
@@ -426,6 +456,5 @@ class FDCLoss(nn.Module):
         # M = diff^T cov^-1 diff = ||L^-1 diff||^2
         sol = torch.linalg.solve_triangular(chol, diff, upper=False)  # (C, D, B)
         maha = sol.pow(2).sum(1).t()  # (B, C)
-        density = torch.exp(-0.5 * maha)  # (B, C)
-        own = F.one_hot(labels, c).to(torch.bool)  # (B, C)
-        return density[~own].mean() - density[own].mean()
+        # -log softmax_y(-M/2) = M_y/2 + logsumexp_c(-M_c/2): no exp of -M/2 on its own, so no underflow
+        return F.cross_entropy(-0.5 * maha, labels)

@@ -202,7 +202,7 @@ class ProCoLoss(nn.Module):
         return F.normalize(protos + self.fgsm_eps * grad.sign(), dim=1)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Return the scalar ``L_pl`` for ``query (N, D)``, ``key (N, D)`` (second view) and ``labels (N,)``."""
+        """Return the scalar ``L_pl`` for ``query (N, D)``, ``key (N, D)`` (detached) and ``labels (N,)``."""
         self._check(query, key, labels)
         if query.shape[0] == 0:
             return query.sum() * 0.0

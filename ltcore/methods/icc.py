@@ -14,7 +14,8 @@ Calibration" (Pan et al., arXiv 2502.03238). One ICC round:
 The Ray Train loop that runs the rounds is the engine's; nothing here imports Ray.
 
 **Interpretation** (METHODS.md): the public code's FDC pulls features toward the *other* classes and its GCE
-term runs under no-grad; we use ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)`` and GCE with gradients.
+term runs under no-grad; we use ``L_FDC = mean_i [M_iy/2 + logsumexp_c(-M_ic/2)]`` (log space: the exponential
+form underflows to 0 for D above ~64) and GCE with gradients.
 The public code also keeps one classifier (and its optimiser) across rounds; METHODS.md asks for a fresh one
 per round, which is the default here (``init`` warm-starts instead).
 """
@@ -149,7 +150,7 @@ def e_step_loss(
     """The E-step loss ``GCE_q(logits, y) + fdc_weight * L_FDC(features, y; ema_means, ema_covs)``.
 
     ``GCE_q = mean (1 - p_y^q) / q`` (generalised CE, q = 0.7) **with gradients** (through the frozen
-    classifier into the backbone); ``L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2)`` with ``M`` the squared
+    classifier into the backbone); ``L_FDC = mean_i [M_iy/2 + logsumexp_c(-M_ic/2)]`` with ``M`` the squared
     Mahalanobis distance of each feature to each EMA class Gaussian (statistics detached). This is our
     **interpretation** of the public code (which computes GCE under no-grad and has FDC's sign pulling
     features toward other classes); see :class:`~ltcore.losses.FDCLoss`. FDC is computed in float32 with

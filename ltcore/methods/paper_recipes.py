@@ -4,8 +4,9 @@
 name                    loss
 ======================  ==================================================================================
 ``proco``               ``CE + proco_lambda * L_pl`` (ProCo, Yang, Pan et al., MICCAI 2022, arXiv 2209.00183)
-``metric``              ``CE + metric_lambda * L_metric`` (Zeng et al., arXiv 2207.06975): batch-hard
-                        triplet, class-centre triplet or SupCon, chosen by ``loss.metric_loss``
+``metric``              ``CE + lambda * L_metric`` (Zeng et al., arXiv 2207.06975): batch-hard triplet,
+                        class-centre triplet or SupCon, chosen by ``loss.metric_loss``; lambda 0.03 / 0.07 /
+                        1.0 unless ``loss.metric_lambda`` is set
 ``jrcl``                ``CE + L_SCL(one-to-all) + L_BDC + CE_aux`` (JRCL, Guan et al.)
 ``lmd_rrl``             ``CE + [epoch > rrl_start_epoch] * L_RRL`` against an EMA teacher (LMD stage 1,
                         Pan et al., arXiv 2502.03238)
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcore.augment.spmix import SPMix
+from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ltcore.losses import (
     BatchHardTripletLoss,
     BDCLoss,
@@ -162,33 +164,31 @@ class _PaperRecipe(Stage1Recipe):
 
 
 class ProCoRecipe(_PaperRecipe):
-    """ProCo: ``L = CE(logits) + lambda * L_pl(q, k, y)`` (METHODS.md section 1; ProCo, arXiv 2209.00183).
+    """ProCo: ``L = CE(head(f)) + lambda * L_pl(q, q.detach(), y)`` (METHODS.md section 1; arXiv 2209.00183).
 
-    Two projectors on the backbone features ``h (N, D)``: F is the model's own projector, giving the image
-    feature ``f = embedding (N, P)``; G is a second :class:`~ltcore.models.heads.ProjectionMLP` owned by the
-    recipe (``state_modules()['query_head']``, learnable), giving the query ``q = G(h) (N, P)``.
+    Two projectors on the backbone features ``h (N, D)``, both trained:
 
-    **Interpretation** (the paper does not say what the keys are): the keys that feed the prototypes, the queue
-    and the proto-loss's instance targets are ``k = f.detach()``, the same batch's image features from F, so
-    the query learns to match class structure expressed in F's space (MoCo-style: keys carry no gradient).
-    F is then trained by nothing but the backbone moving under it; a zero-weighted ``0 * f.sum()`` keeps its
-    parameters in the graph so that DDP (``find_unused_parameters=False``) sees a gradient for every parameter.
-    The classification CE is on the model's logits (head on ``h``), so stage-2 calibrators see the usual model.
+    - F, the image-feature projector, is a neck the recipe puts into the model (:meth:`LTModel.set_neck`, an
+      MLP D -> D -> D): ``f = F(h)`` is what the model's classifier head reads, so F learns through the CE
+      term, and prediction, stage-2 calibrators and checkpoints all see ``f``;
+    - G, the query projector (:class:`~ltcore.models.heads.ProjectionMLP`, D -> D -> P, L2-normalised), owned
+      by the recipe (``state_modules()['query_head']``): ``q = G(h)`` feeds the proto-loss, so G learns
+      through ``L_pl`` (and the backbone through both terms).
 
-    Prototype/queue updates happen in ``after_step`` (after the optimiser step, as ``ProCoLoss`` asks), with the
-    batch's keys and labels gathered from every rank (no grad) so all ranks keep identical state.
+    **Interpretation** (METHODS.md leaves the key encoder open): no momentum copy of G; the keys are the
+    batch's own queries, detached (``k = q.detach()``), so the prototypes are EMAs of q and the queue holds
+    detached q. Prototype/queue updates happen in ``after_step`` (after the optimiser step, as ``ProCoLoss``
+    asks), with the batch's keys and labels gathered from every rank (no grad) so all ranks keep identical state.
 
     Args:
         criterion: the classification loss on the logits (CE).
         num_classes: C.
-        proj_dim: P, the dimension of q, f, prototypes and queue.
+        proj_dim: P, the dimension of q, prototypes and queue.
         class_counts: training count per class (C,), for the prototype recalibration weights.
         lam: weight of ``L_pl`` (1 in METHODS.md).
         temperature, momentum, queue_size, fgsm_eps, recal_gamma: :class:`~ltcore.losses.ProCoLoss` settings.
-        seed: seeds the initial prototypes and G's initial weights (identical on every rank).
+        seed: seeds the initial prototypes and the initial weights of F and G (identical on every rank).
     """
-
-    needs_projector = True
 
     def __init__(
         self,
@@ -217,9 +217,12 @@ class ProCoRecipe(_PaperRecipe):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def setup(self, model: nn.Module) -> None:
+        """Install F as the model's neck (unless it has one: a resumed model) and build G, both seeded."""
         feat_dim = int(model.feat_dim)  # type: ignore[arg-type]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
+            if getattr(model, "neck", None) is None:
+                model.set_neck()  # type: ignore[operator]
             self.query_head = ProjectionMLP(feat_dim, feat_dim, self.proj_dim)
 
     def state_modules(self) -> nn.ModuleDict:
@@ -234,15 +237,14 @@ class ProCoRecipe(_PaperRecipe):
             raise RuntimeError("ProCoRecipe.setup(model) must be called before loss()")
         y = batch["label"]
         out = model(batch["image"])
-        ce = self.criterion(out["logits"], y)
-        f = _require(out, "embedding", "proco", "proj_dim > 0")  # (N, P)
+        h = _require(out, "backbone_features", "proco", "the neck ProCoRecipe.setup installs")  # (N, D)
+        ce = self.criterion(out["logits"], y)  # logits = head(F(h))
         with _fp32(y.device):
-            q = self.query_head(out["features"].float())  # (N, P)
-            k = f.detach().float()  # (N, P)
+            q = self.query_head(h.float())  # (N, P)
+            k = q.detach()  # (N, P)
             l_pl = self.proco(q, k, y)
-        loss = ce + self.lam * l_pl + 0.0 * f.sum()
         self._pending = (gather_rows(k), gather_rows(y))
-        return loss, {"ce": float(ce.detach()), "proco": float(l_pl.detach())}
+        return ce + self.lam * l_pl, {"ce": float(ce.detach()), "proco": float(l_pl.detach())}
 
     def after_step(self, model: nn.Module) -> None:
         if self._pending is not None:
@@ -262,22 +264,24 @@ def _proco(*, loss_cfg: Any, class_counts: Sequence[int], proj_dim: int, **_: An
 # 2. Metric learning in stage 1 (Zeng et al.)
 
 METRIC_LOSSES = ("triplet", "centre_triplet", "supcon")
+#: lambda of ``L1 = CE + lambda * L_metric`` per loss, from the authors' public configs (METHODS.md section 2)
+METRIC_LAMBDAS = {"triplet": 0.03, "centre_triplet": 0.07, "supcon": 1.0}
 
 
 class MetricRecipe(_PaperRecipe):
     """``L1 = CE + lambda * L_metric`` on the model's L2-normalised ``embedding`` (METHODS.md section 2).
 
     **Interpretation** (from the authors' public configs): ``L_metric`` is batch-hard triplet (lambda 0.03,
-    margin 0.2), class-centre triplet (lambda 0.07) or SupCon (lambda 1.0, tau 0.1). The config has one
-    ``loss.metric_lambda`` (default 1.0, right for SupCon); configs that pick a triplet loss must set it
-    (0.03 / 0.07). SupCon uses two weak views (``image``, ``image2``), forwarded as one batch; the embeddings
-    enter as ``(N, 2, P)`` and CE is on the first view's logits. The triplet losses use one view and profit
-    from P x K class-balanced batches (:class:`~ltcore.methods.pk.PKBatcher`).
+    margin 0.2), class-centre triplet (lambda 0.07) or SupCon (lambda 1.0, tau 0.1); ``lam=None`` takes the
+    chosen loss's lambda (:data:`METRIC_LAMBDAS`), a number overrides it. SupCon uses two weak views (``image``,
+    ``image2``), forwarded as one batch; the embeddings enter as ``(N, 2, P)`` and CE is on the first view's
+    logits. The triplet losses use one view and profit from P x K class-balanced batches
+    (:class:`~ltcore.methods.pk.PKBatcher`).
 
     Args:
         criterion: the classification loss (CE).
         metric: ``triplet``, ``centre_triplet`` or ``supcon``.
-        lam: weight of the metric loss.
+        lam: weight of the metric loss; None for the loss's own default.
         margin: triplet margin.
         temperature: SupCon tau.
 
@@ -287,11 +291,12 @@ class MetricRecipe(_PaperRecipe):
 
     needs_projector = True
 
-    def __init__(self, *, criterion: nn.Module, metric: str, lam: float, margin: float = 0.2,
+    def __init__(self, *, criterion: nn.Module, metric: str, lam: float | None = None, margin: float = 0.2,
                  temperature: float = 0.1) -> None:
         super().__init__(criterion)
         if metric not in METRIC_LOSSES:
             raise ValueError(f"loss.metric_loss {metric!r} is not valid; choose one of {', '.join(METRIC_LOSSES)}")
+        lam = METRIC_LAMBDAS[metric] if lam is None else lam
         if lam < 0:
             raise ValueError(f"loss.metric_lambda must be >= 0, got {lam}")
         self.metric_name, self.lam = metric, float(lam)
@@ -325,7 +330,8 @@ class MetricRecipe(_PaperRecipe):
 @register_stage1("metric")
 def _metric(*, loss_cfg: Any, proj_dim: int, **_: Any) -> Stage1Recipe:
     _check_proj_dim("metric", proj_dim)
-    return MetricRecipe(criterion=_ce(loss_cfg), metric=loss_cfg.metric_loss, lam=loss_cfg.metric_lambda,
+    lam = None if loss_cfg.metric_lambda == "auto" else float(loss_cfg.metric_lambda)
+    return MetricRecipe(criterion=_ce(loss_cfg), metric=loss_cfg.metric_loss, lam=lam,
                         margin=loss_cfg.metric_margin, temperature=loss_cfg.temperature)
 
 
@@ -425,8 +431,8 @@ class LMDRRLRecipe(_PaperRecipe):
     """LMD stage 1 (RRL): ``CE(z_s) + [epoch > start] * (w_p L_prob + w_b L_batch + w_c L_chan)`` (METHODS.md 4).
 
     The student (the model) sees the strong view ``image2``; the teacher, an EMA copy of the student made in
-    ``setup`` (``requires_grad=False``, in ``state_modules()['teacher']`` so it is checkpointed), sees the weak
-    view ``image`` under no-grad. After every optimiser step ``after_step`` sets
+    ``setup`` (``requires_grad=False``, in ``state_modules()['teacher']`` so it is checkpointed), sees the
+    resize + flip view ``image`` under no-grad. After every optimiser step ``after_step`` sets
     ``teacher <- a teacher + (1 - a) student`` with ``a = ema_alpha(t) = min(1 - 1/(t+1), 0.999)`` at the
     step counter ``t`` (a buffer, also checkpointed); the EMA runs from the first step, also before the
     relation terms switch on.
@@ -442,15 +448,18 @@ class LMDRRLRecipe(_PaperRecipe):
         criterion: the classification loss (CE).
         start_epoch: the relation terms are on for ``epoch > start_epoch`` (20 in the paper, 0-based epochs).
         w_prob, w_batch, w_chan: weights (5, 10, 10).
+        chan_norm: ``L_chan`` divided by D / 4 (``"dim"``) or by B (``"batch"``, the public code); see
+            :class:`~ltcore.losses.RelationDistillationLoss`.
     """
 
-    views = ("weak", "strong")
+    #: teacher view ``image``: resize + flips; student view ``image2``: the strong augmentation (METHODS.md 4)
+    views = ("resize_flip", "strong")
 
     def __init__(self, *, criterion: nn.Module, start_epoch: int = 20, w_prob: float = 5.0, w_batch: float = 10.0,
-                 w_chan: float = 10.0) -> None:
+                 w_chan: float = 10.0, chan_norm: str = "dim") -> None:
         super().__init__(criterion)
         self.rrl_start_epoch = int(start_epoch)
-        self.relation = RelationDistillationLoss(w_prob=w_prob, w_batch=w_batch, w_chan=w_chan)
+        self.relation = RelationDistillationLoss(w_prob=w_prob, w_batch=w_batch, w_chan=w_chan, chan_norm=chan_norm)
         self.counter = _StepCounter()
         self.teacher: nn.Module | None = None
 
@@ -470,7 +479,8 @@ class LMDRRLRecipe(_PaperRecipe):
         if self.teacher is None:
             raise RuntimeError("LMDRRLRecipe.setup(model) must be called before loss()")
         if "image2" not in batch:
-            raise ValueError("stage1.method='lmd_rrl' needs the weak view 'image' and the strong view 'image2'")
+            raise ValueError("stage1.method='lmd_rrl' needs the teacher view 'image' (resize + flip) and the "
+                             "strong view 'image2'")
         y = batch["label"]
         out = model(batch["image2"])  # student: strong view
         ce = self.criterion(out["logits"], y)
@@ -478,7 +488,7 @@ class LMDRRLRecipe(_PaperRecipe):
         if not active(epoch, self.rrl_start_epoch):
             return ce, logs
         with torch.no_grad():
-            t_out = self.teacher(batch["image"])  # teacher: weak view
+            t_out = self.teacher(batch["image"])  # teacher: resize + flip view
         with _fp32(y.device):
             rel = self.relation(
                 gather_rows(out["logits"].float(), differentiable=True),
@@ -500,7 +510,7 @@ class LMDRRLRecipe(_PaperRecipe):
 @register_stage1("lmd_rrl")
 def _lmd_rrl(*, loss_cfg: Any, **_: Any) -> Stage1Recipe:
     return LMDRRLRecipe(criterion=_ce(loss_cfg), start_epoch=loss_cfg.rrl_start_epoch, w_prob=loss_cfg.rrl_w_prob,
-                        w_batch=loss_cfg.rrl_w_batch, w_chan=loss_cfg.rrl_w_chan)
+                        w_batch=loss_cfg.rrl_w_batch, w_chan=loss_cfg.rrl_w_chan, chan_norm=loss_cfg.rrl_chan_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,17 +598,22 @@ class SPMixRecipe(Stage1Recipe):
         self.inner.after_step(model)
 
 
+def _mixer(loss_cfg: Any) -> SPMix:
+    # The engine hands recipes batches normalised with the ImageNet statistics (transforms.normalize_images);
+    # SPMix undoes that for the saliency, which must see the image as it is.
+    return SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
 def with_augmentations(recipe: Stage1Recipe, loss_cfg: Any, seed: int = 0) -> Stage1Recipe:
     """Wrap ``recipe`` in :class:`SPMixRecipe` when ``loss_cfg.spmix`` is true (and it is not wrapped already)."""
     if not loss_cfg.spmix or isinstance(recipe, SPMixRecipe):
         return recipe
-    mixer = SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob)
-    return SPMixRecipe(recipe, mixer, seed=seed)
+    return SPMixRecipe(recipe, _mixer(loss_cfg), seed=seed)
 
 
 @register_stage1("spmix")
 def _spmix(*, loss_cfg: Any, **kwargs: Any) -> Stage1Recipe:
     """SPMix with plain CE. **Interpretation**: the paper trains with GPaCo; we ship CE so that SPMix is
     compared with the other methods on the same loss (and composes with any of them via ``loss.spmix``)."""
-    mixer = SPMix(alpha=loss_cfg.spmix_alpha, patch=loss_cfg.spmix_patch, prob=loss_cfg.spmix_prob)
-    return SPMixRecipe(Stage1Recipe(_ce(loss_cfg)), mixer, seed=int(kwargs.get("seed", 0)))
+    return SPMixRecipe(Stage1Recipe(_ce(loss_cfg)), _mixer(loss_cfg), seed=int(kwargs.get("seed", 0)))

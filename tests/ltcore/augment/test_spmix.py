@@ -103,3 +103,39 @@ def test_bad_arguments() -> None:
     for kwargs in ({"alpha": 1.5}, {"prob": -0.1}, {"patch": 0}):
         with pytest.raises(ValueError):
             SPMix(**kwargs)
+
+
+def _colour_images(seed: int) -> torch.Tensor:
+    """Raw RGB images in [0, 1] (4, 3, 32, 32): noise with a red square and a blue square (colour structure that a
+    per-channel normalisation re-weights)."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    x[:, 0, 4:12, 4:12] += 0.8
+    x[:, 2, 18:28, 18:28] += 0.8
+    return x.clamp(0, 1)
+
+
+def test_saliency_is_computed_before_normalisation() -> None:
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as the engine normalises batches
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    raw_tail, raw_head = _colour_images(0), _colour_images(1)
+    y = torch.arange(4)
+    # reference: mix the raw images (saliency of the raw images), then normalise the result
+    ref, _ = SPMix(alpha=0.8, patch=8, prob=1.0)(raw_tail, y, raw_head, torch.Generator().manual_seed(0))
+    ref = (ref - m) / s
+    # SPMix told the normalisation: normalised in, the same normalised mix out (the mix commutes with it)
+    mixer = SPMix(alpha=0.8, patch=8, prob=1.0, mean=mean, std=std)
+    out, _ = mixer((raw_tail - m) / s, y, (raw_head - m) / s, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixer.saliency((raw_tail - m) / s), spectral_residual_saliency(raw_tail), atol=1e-5,
+                               rtol=0)
+    # without it, the saliency of the normalised images differs, and so does the mix: the check above can fail
+    naive, _ = SPMix(alpha=0.8, patch=8, prob=1.0)((raw_tail - m) / s, y, (raw_head - m) / s,
+                                                   torch.Generator().manual_seed(0))
+    assert float((naive - ref).abs().max()) > 1e-2
+
+
+def test_mean_and_std_come_together() -> None:
+    with pytest.raises(ValueError, match="both mean and std"):
+        SPMix(mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="std must be positive"):
+        SPMix(mean=(0.5, 0.5, 0.5), std=(0.2, 0.0, 0.2))

@@ -54,7 +54,7 @@ def test_decode_rejects_garbage():
         decode_image(b"")
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong", "test"])
+@pytest.mark.parametrize("kind", ["weak", "strong", "test", "resize_flip"])
 @pytest.mark.parametrize("size", [16, 24])
 def test_shapes_from_tensor_and_pil(kind, size):
     t = build_transform(kind, size)
@@ -90,9 +90,30 @@ def test_test_transform_is_resize_then_centre_crop():
     assert torch.allclose(out, ref, atol=1e-6)
 
 
+def test_resize_flip_is_the_test_view_flipped_never_cropped():
+    # LMD's teacher view: resize + centre crop exactly as the test view, then random h/v flips. Every output is
+    # one of the four flips of the test view; a random resized crop (the weak view) would give none of them.
+    x = _noise(30, 40)
+    base = build_transform("test", 16)(x)
+    flips = {"none": base, "h": base.flip(-1), "v": base.flip(-2), "hv": base.flip(-1).flip(-2)}
+    t = build_transform("resize_flip", 16)
+    seen = set()
+    for seed in range(12):
+        with seeded(seed):
+            out = t(x)
+        match = [name for name, ref in flips.items() if torch.equal(out, ref)]
+        assert match, f"seed {seed}: not a flip of the test view"
+        seen.add(match[0])
+    assert len(seen) >= 3  # the flips are random (each of the 4 outcomes has probability 1/4)
+    weak = build_transform("weak", 16)
+    with seeded(0):
+        w = weak(x)
+    assert not any(torch.equal(w, ref) for ref in flips.values())
+
+
 def test_random_views_are_random_and_seedable():
     x = _noise()
-    for kind in ("weak", "strong"):
+    for kind in ("weak", "strong", "resize_flip"):
         t = build_transform(kind, 24)
         with seeded(7):
             a = t(x)
@@ -116,7 +137,7 @@ def test_seeded_restores_the_global_generator():
 
 
 def test_build_transform_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="choose one of weak, strong, test"):
+    with pytest.raises(ValueError, match="choose one of weak, strong, test, resize_flip"):
         build_transform("medium", 32)
     with pytest.raises(ValueError, match="image_size"):
         build_transform("weak", 4)
@@ -143,7 +164,7 @@ def test_transforms_import_without_ray():
     assert out.returncode == 0, out.stderr
 
 
-@pytest.mark.parametrize("kind", ["weak", "strong", "test"])
+@pytest.mark.parametrize("kind", ["weak", "strong", "test", "resize_flip"])
 def test_uint8_part_plus_normalize_equals_full_transform(kind):
     x = _noise()
     part = build_transform(kind, 24, normalize=False)

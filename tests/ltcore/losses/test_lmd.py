@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.special import logsumexp
 from torch import nn
 
 from ltcore.losses.lmd import (
@@ -77,30 +79,59 @@ def test_active_switch() -> None:
 # ---------------------------------------------------------------- relation distillation
 
 
-def test_relation_hand_values() -> None:
-    z_s = torch.zeros(2, 2)
-    z_t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
-    a_s = torch.eye(2)
-    a_t = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    out = RelationDistillationLoss()(z_s, z_t, a_s, a_t)
-    # Row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; row 1: 0. Mean over 2.
-    prob = (0.75 * math.log(1.5) - 0.25 * math.log(2.0)) / 2  # 0.065406
-    # S = I; S' = A'A'^T = [[1,1],[1,2]] -> rows [1,1]/sqrt2, [1,2]/sqrt5.
-    # sum (S - S')^2 = (1 - 1/sqrt2)^2 + 1/2 + 1/5 + (1 - 2/sqrt5)^2 = 4 - sqrt2 - 4/sqrt5 = 0.796932; / B=2.
-    batch = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2  # 0.398466
-    # G = I; G' = A'^T A' = [[2,1],[1,1]] -> rows [2,1]/sqrt5, [1,1]/sqrt2: the same squared sum, / 2.
-    chan = (4 - math.sqrt(2) - 4 / math.sqrt(5)) / 2
+# B = 3 samples, D = 2 channels: B != D, so a mix-up of A A^T (B x B) and A^T A (D x D) changes the numbers.
+A_S = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+A_T = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+# S = A A^T = [[1,0,1],[0,1,1],[1,1,2]] -> rows [1,0,1]/sqrt2, [0,1,1]/sqrt2, [1,1,2]/sqrt6;
+# S' = [[1,1,0],[1,1,0],[0,0,1]] -> rows [1,1,0]/sqrt2 (twice), [0,0,1]. Squared row differences:
+# [0,-1,1]/sqrt2 -> 1; [-1,0,1]/sqrt2 -> 1; [1/sqrt6, 1/sqrt6, 2/sqrt6 - 1] -> 2 - 4/sqrt6. Sum 4 - 4/sqrt6 = 2.367007.
+BATCH_SQ = 4 - 4 / math.sqrt(6)
+# G = A^T A = [[2,1],[1,2]] -> rows [2,1]/sqrt5, [1,2]/sqrt5; G' = [[2,0],[0,1]] -> rows [1,0], [0,1].
+# Each row differs by (2/sqrt5 - 1)^2 + 1/5 = 2 - 4/sqrt5; sum 4 - 8/sqrt5 = 0.422291.
+CHAN_SQ = 4 - 8 / math.sqrt(5)
+
+
+def test_relation_hand_values_batch_and_channel_terms() -> None:
+    z_s = torch.zeros(3, 2)
+    z_t = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0], [0.0, 0.0]])
+    out = RelationDistillationLoss()(z_s, z_t, A_S, A_T)
+    # Row 0: p_t = (3/4, 1/4), p_s = (1/2, 1/2): KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812; rows 1, 2: 0. Mean over 3.
+    prob = (0.75 * math.log(1.5) - 0.25 * math.log(2.0)) / 3  # 0.043604
+    batch = BATCH_SQ / 3  # / B = 0.789002
+    chan = CHAN_SQ / (2 / 4)  # / (D / 4) = 0.844582 (the default chan_norm="dim")
     assert out["prob"].item() == pytest.approx(prob, rel=1e-5)
     assert out["batch"].item() == pytest.approx(batch, rel=1e-5)
     assert out["chan"].item() == pytest.approx(chan, rel=1e-5)
     assert out["total"].item() == pytest.approx(5 * prob + 10 * batch + 10 * chan, rel=1e-5)
 
 
+def test_relation_channel_term_public_form_divides_by_batch() -> None:
+    out = RelationDistillationLoss(chan_norm="batch")(torch.zeros(3, 2), torch.zeros(3, 2), A_S, A_T)
+    assert out["chan"].item() == pytest.approx(CHAN_SQ / 3, rel=1e-5)  # 0.140764
+    assert out["batch"].item() == pytest.approx(BATCH_SQ / 3, rel=1e-5)  # unchanged
+
+
+def test_relation_channel_scale_equals_public_form_at_public_setting() -> None:
+    # ResNet-18 features (D = 512) at B = 128: D / 4 = B, so both normalisations give the same term.
+    g = torch.Generator().manual_seed(0)
+    a_s, a_t = torch.randn(128, 512, generator=g), torch.randn(128, 512, generator=g)
+    z = torch.zeros(128, 3)
+    dim = RelationDistillationLoss(chan_norm="dim")(z, z, a_s, a_t)["chan"]
+    batch = RelationDistillationLoss(chan_norm="batch")(z, z, a_s, a_t)["chan"]
+    torch.testing.assert_close(dim, batch)
+    # EfficientNet-Lite0 (D = 1280) at B = 64: the public form is D / (4 B) = 5x the default
+    a_s, a_t = torch.randn(64, 1280, generator=g), torch.randn(64, 1280, generator=g)
+    z = torch.zeros(64, 3)
+    dim = RelationDistillationLoss(chan_norm="dim")(z, z, a_s, a_t)["chan"]
+    batch = RelationDistillationLoss(chan_norm="batch")(z, z, a_s, a_t)["chan"]
+    torch.testing.assert_close(batch, 5 * dim)
+
+
 def test_relation_weights() -> None:
-    z_s, z_t = torch.zeros(2, 2), torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
-    a_s, a_t = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    out = RelationDistillationLoss(w_prob=1.0, w_batch=0.0, w_chan=2.0)(z_s, z_t, a_s, a_t)
+    out = RelationDistillationLoss(w_prob=1.0, w_batch=0.0, w_chan=2.0)(torch.zeros(3, 2), torch.ones(3, 2), A_S, A_T)
     assert out["total"].item() == pytest.approx(out["prob"].item() + 2 * out["chan"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="chan_norm"):
+        RelationDistillationLoss(chan_norm="sample")
 
 
 def test_relation_identity_teacher_equals_student() -> None:
@@ -236,17 +267,20 @@ def test_fdc_hand_value_identity_covariances() -> None:
     covs = torch.stack([torch.eye(2), torch.eye(2)])
     feats = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
     loss = FDCLoss()(feats, torch.tensor([0, 1]), means, covs)
-    # f0 (class 0): M_own = 0, M_other = |(0,0)-(2,0)|^2 = 4. f1 (class 1): M_own = 1, M_other = 1.
-    # other: (e^-2 + e^-0.5) / 2; own: (1 + e^-0.5) / 2; difference (e^-2 - 1) / 2 = -0.432332
-    assert loss.item() == pytest.approx((math.exp(-2) - 1) / 2, rel=1e-6)
+    # f0 (class 0): M = (0, 4) -> 0/2 + log(e^0 + e^-2) = log(1 + e^-2) = 0.126928
+    # f1 (class 1): M = (1, 1) -> 1/2 + log(2 e^-0.5) = log 2 = 0.693147; mean 0.410038
+    expected = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    assert expected == pytest.approx(0.410038, abs=1e-6)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_fdc_uses_covariance() -> None:
     means = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
     covs = torch.stack([torch.diag(torch.tensor([4.0, 1.0])), torch.eye(2)])
     loss = FDCLoss()(torch.tensor([[2.0, 0.0]]), torch.tensor([1]), means, covs)
-    # M_own = 0; M_other = 2^2 / 4 = 1 under diag(4, 1): e^-0.5 - 1 = -0.393469
-    assert loss.item() == pytest.approx(math.exp(-0.5) - 1, rel=1e-6)
+    # M_own = 0; M_other = 2^2 / 4 = 1 under diag(4, 1): 0 + log(e^0 + e^-0.5) = log(1.606531) = 0.474077
+    # (with an identity covariance M_other would be 4: log(1 + e^-2) = 0.126928)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-0.5)), rel=1e-6)
 
 
 def test_fdc_gradient_pulls_toward_own_class() -> None:
@@ -261,11 +295,55 @@ def test_fdc_gradient_pulls_toward_own_class() -> None:
 
 
 def test_fdc_identity_many_far_classes() -> None:
-    # A feature exactly at its own mean and infinitely far from the others: loss = 0 - 1 = -1, its minimum.
+    # A feature exactly at its own mean and infinitely far from the others: loss = 0 + log(1 + 0 + 0) = 0, its infimum.
     means = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0]])
     covs = torch.eye(2).repeat(3, 1, 1)
     loss = FDCLoss()(torch.tensor([[0.0, 0.0]]), torch.tensor([0]), means, covs)
-    assert loss.item() == pytest.approx(-1.0, abs=1e-7)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def _fdc_reference(f: np.ndarray, y: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> tuple[float, np.ndarray]:
+    """Float64 NumPy/SciPy reference: loss and its analytic gradient w.r.t. ``f (B, D)``.
+
+    ``L_i = M_iy/2 + logsumexp_c(-M_ic/2)``, ``M_ic = d_ic^T P_c d_ic``, ``d_ic = f_i - mu_c``, ``P_c = Sigma_c^-1``;
+    ``dL_i/df_i = P_y d_iy - sum_c w_ic P_c d_ic`` with ``w_i = softmax(-M_i/2)``; L and its gradient are means over i.
+    """
+    b = f.shape[0]
+    prec = np.linalg.inv(cov)  # (C, D, D)
+    d = f[:, None, :] - mu[None, :, :]  # (B, C, D)
+    pd = np.einsum("cjk,bck->bcj", prec, d)  # P_c d_ic, (B, C, D)
+    m = np.einsum("bcj,bcj->bc", d, pd)  # (B, C)
+    lse = logsumexp(-m / 2, axis=1)  # (B,)
+    loss = float(np.mean(m[np.arange(b), y] / 2 + lse))
+    w = np.exp(-m / 2 - lse[:, None])  # (B, C)
+    grad = pd[np.arange(b), y] - np.einsum("bc,bcj->bj", w, pd)
+    return loss, grad / b
+
+
+@pytest.mark.parametrize("dim", [256, 1280])
+def test_fdc_realistic_dimension_matches_float64_reference(dim: int) -> None:
+    # Features drawn from their class Gaussians: M_own ~ D and M_other > D, so exp(-M/2) <= e^-128, below float32's
+    # smallest number: the old form mean exp(-M_other/2) - mean exp(-M_own/2) was exactly 0, loss and gradient.
+    rng = np.random.default_rng(0)
+    c, b = 3, 8
+    mu = rng.normal(0.0, 0.02, size=(c, dim))  # (C, D)
+    shared = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    a = shared + 0.1 * rng.normal(size=(c, dim, dim)) / np.sqrt(dim)  # similar, not equal, class shapes
+    cov = a @ a.transpose(0, 2, 1) + 0.5 * np.eye(dim)  # (C, D, D), positive definite
+    y = np.arange(b) % c
+    chol = np.linalg.cholesky(cov)
+    f = mu[y] + np.einsum("bjk,bk->bj", chol[y], rng.normal(size=(b, dim)))  # (B, D), x ~ N(mu_y, Sigma_y)
+    ref_loss, ref_grad = _fdc_reference(f, y, mu, cov)
+    assert ref_loss > 0.05  # the classes overlap: a loss well away from its infimum 0
+
+    feats = torch.tensor(f, dtype=torch.float32, requires_grad=True)
+    loss = FDCLoss()(feats, torch.tensor(y), torch.tensor(mu, dtype=torch.float32),
+                     torch.tensor(cov, dtype=torch.float32))
+    loss.backward()
+    assert feats.grad is not None and float(feats.grad.abs().sum()) > 0
+    # float32 Cholesky against float64 inverses: agreement to ~1e-5 here
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-4)
+    np.testing.assert_allclose(feats.grad.numpy(), ref_grad, rtol=1e-3, atol=1e-4 * np.abs(ref_grad).max())
 
 
 def test_fdc_bad_input() -> None:

@@ -71,8 +71,8 @@ def test_m_step_checks_sizes() -> None:
 
 
 # Literal 2-D case: class means (0, 0) and (2, 0), identity covariances; feature 0 = (0, 0) of class 0, feature 1 =
-# (2, 0) of class 1. Own squared Mahalanobis distances 0 -> exp(0) = 1; the other class is at distance^2 4 ->
-# exp(-2). L_FDC = mean exp(-M_other/2) - mean exp(-M_own/2) = exp(-2) - 1 = -0.8646647168.
+# (2, 0) of class 1. Own squared Mahalanobis distance 0, the other class at distance^2 4, for both features:
+# L_FDC = mean_i [M_iy/2 + logsumexp_c(-M_ic/2)] = 0 + log(e^0 + e^-2) = log(1 + e^-2) = 0.1269280110.
 # Logits [0, 0] and [0, ln 3] give p_y = 1/2 and 3/4; GCE (q = 0.7) = mean (1 - p_y^0.7) / 0.7
 # = ((1 - 0.5^0.7) + (1 - 0.75^0.7)) / 1.4 = ((1 - 0.6155722) + (1 - 0.8176038)) / 1.4 = 0.4048743.
 FEATS = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
@@ -81,16 +81,16 @@ LABELS = torch.tensor([0, 1])
 MEANS = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
 COVS = torch.eye(2).repeat(2, 1, 1)
 GCE = ((1 - 0.5**0.7) + (1 - 0.75**0.7)) / 1.4
-FDC = math.exp(-2.0) - 1.0
+FDC = math.log(1.0 + math.exp(-2.0))
 
 
 def test_e_step_loss_hand_value() -> None:
     assert abs(GCE - 0.4048743) < 1e-6
-    assert abs(FDC - -0.8646647168) < 1e-9
+    assert abs(FDC - 0.1269280110) < 1e-9
     loss, logs = e_step_loss(FEATS, LOGITS, LABELS, MEANS, COVS, gce_q=0.7, fdc_weight=0.5)
     assert logs["gce"] == pytest.approx(GCE, rel=1e-5)
     assert logs["fdc"] == pytest.approx(FDC, rel=1e-5)
-    assert float(loss) == pytest.approx(GCE + 0.5 * FDC, rel=1e-4)  # 0.4048743 - 0.4323324 = -0.0274581
+    assert float(loss) == pytest.approx(GCE + 0.5 * FDC, rel=1e-4)  # 0.4048743 + 0.0634640 = 0.4683383
     # LMD's default weight 1e-4
     loss, _ = e_step_loss(FEATS, LOGITS, LABELS, MEANS, COVS)
     assert float(loss) == pytest.approx(GCE + 1e-4 * FDC, rel=1e-5)

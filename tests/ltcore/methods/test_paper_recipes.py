@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ltcore.augment.spmix import SPMix
-from ltcore.config import LossConfig
+from ltcore.config import ConfigError, LossConfig, from_dict, load_config, to_dict
 from ltcore.methods import paper_recipes as pr
-from ltcore.methods.recipes import STAGE1, Stage1Recipe, build_stage1
+from ltcore.methods.recipes import STAGE1, Stage1Recipe, build_stage1, stage1_methods
 from ltcore.models import LTModel, build_model
 
 CLASSES = ["a", "b", "c"]
@@ -85,8 +85,8 @@ def _train(recipe: Stage1Recipe, model: nn.Module, batch: dict[str, torch.Tensor
 
 RECIPES = [
     ("proco", {}),
-    ("metric", {"metric_loss": "triplet", "metric_lambda": 0.03}),
-    ("metric", {"metric_loss": "centre_triplet", "metric_lambda": 0.07}),
+    ("metric", {"metric_loss": "triplet"}),
+    ("metric", {"metric_loss": "centre_triplet"}),
     ("metric", {"metric_loss": "supcon"}),
     ("jrcl", {"normal_class": "a"}),
     # relation terms on from epoch 0; the channel term (weight 10) has gradients of norm ~100 on this untrained
@@ -114,6 +114,39 @@ def test_recipe_trains_on_toy_batch(name: str, kw: dict[str, object]) -> None:
     assert last < first
 
 
+# every registered stage-1 recipe, with the settings that switch all of its terms on
+GRAD_CASES = [(name, {}) for name in stage1_methods() if name not in ("metric", "lmd_rrl", "spmix")] + [
+    ("metric", {"metric_loss": "triplet"}),
+    ("metric", {"metric_loss": "centre_triplet"}),
+    ("metric", {"metric_loss": "supcon"}),
+    ("lmd_rrl", {"rrl_start_epoch": -1}),
+    ("spmix", {"spmix_patch": 4, "spmix_prob": 1.0}),
+    ("jrcl", {"spmix": True, "spmix_patch": 4, "spmix_prob": 1.0}),  # a recipe composed with SPMix
+]
+
+
+def test_grad_cases_cover_every_registered_recipe() -> None:
+    assert {name for name, _ in GRAD_CASES} == set(stage1_methods())
+
+
+@pytest.mark.parametrize(("name", "kw"), GRAD_CASES,
+                         ids=[f"{n}-{'-'.join(map(str, kw.values()))}" for n, kw in GRAD_CASES])
+def test_every_trainable_parameter_gets_a_nonzero_gradient(name: str, kw: dict[str, object]) -> None:
+    # A module that is in the optimiser but outside the loss (a dead projector) has an exactly zero gradient.
+    recipe = _build(name, **kw)
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    batch = _toy_batch(tail=recipe.needs_tail_stream)
+    recipe.start_epoch(9)  # the last epoch of 10: DRW weights on
+    loss, _ = recipe.loss(model, batch, 9)
+    loss.backward()
+    named = dict(nn.ModuleDict({"model": model, "extra": recipe.state_modules()}).named_parameters())
+    trainable = {k: p for k, p in named.items() if p.requires_grad}
+    assert trainable
+    dead = [k for k, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not dead, f"{name}: no gradient reaches {dead}"
+
+
 def test_registry_names_and_requirements() -> None:
     for name in ("proco", "metric", "jrcl", "lmd_rrl", "spmix"):
         assert name in STAGE1
@@ -121,7 +154,7 @@ def test_registry_names_and_requirements() -> None:
     assert _build("metric", metric_loss="triplet").views == ("weak",)
     jrcl = _build("jrcl")
     assert jrcl.needs_projector and jrcl.needs_aux_binary and jrcl.views == ("weak", "weak")
-    assert _build("lmd_rrl").views == ("weak", "strong")
+    assert _build("lmd_rrl").views == ("resize_flip", "strong")  # teacher: resize + flips; student: strong
     assert _build("spmix").needs_tail_stream
     for name in ("proco", "metric", "jrcl", "lmd_rrl", "spmix"):
         assert not _build(name).find_unused_parameters
@@ -157,6 +190,44 @@ def test_metric_supcon_value_is_ce_plus_supcon() -> None:
     assert float(loss.detach()) == pytest.approx(float(ce + 0.5 * sc), rel=1e-5)
 
 
+@pytest.mark.parametrize(("metric", "lam"), [("triplet", 0.03), ("centre_triplet", 0.07), ("supcon", 1.0)])
+def test_metric_lambda_default_per_loss_and_user_value_wins(metric: str, lam: float) -> None:
+    recipe = _build("metric", metric_loss=metric)  # metric_lambda left at its default, "auto"
+    assert isinstance(recipe, pr.MetricRecipe) and recipe.lam == lam
+    for user in (0.5, 1.0, 0.0):  # any value the user sets wins, 1.0 included
+        recipe = _build("metric", metric_loss=metric, metric_lambda=user)
+        assert isinstance(recipe, pr.MetricRecipe) and recipe.lam == user
+
+
+def test_metric_triplet_default_value_is_ce_plus_0_03_triplet() -> None:
+    recipe = _build("metric", metric_loss="triplet")
+    model = _mlp_model(recipe)
+    batch = _toy_batch()
+    loss, _ = recipe.loss(model, batch, 0)
+    with torch.no_grad():
+        out = model(batch["image"])
+        ce = F.cross_entropy(out["logits"], batch["label"])
+        tri = pr.BatchHardTripletLoss(margin=0.2)(out["embedding"], batch["label"])
+    assert float(tri) > 0.1  # a live term, so a wrong weight shows
+    assert float(loss.detach()) == pytest.approx(float(ce + 0.03 * tri), rel=1e-5)
+
+
+def test_shipped_metric_configs_mean_what_they_say() -> None:
+    # ham10000_metric.yaml: "SupCon, lambda 1.0, tau 0.1"
+    repo = Path(__file__).resolve().parents[3]
+    cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"))
+    loss = cfg.stage1.loss
+    assert (cfg.stage1.method, loss.metric_loss, loss.metric_lambda, loss.temperature) == ("metric", "supcon", 1.0, 0.1)
+    # "auto" and numbers both parse from overrides and survive the saved-config round trip
+    for text, value in (("auto", "auto"), ("0.03", 0.03)):
+        cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"),
+                          [f"stage1.loss.metric_lambda={text}", "stage1.loss.metric_loss=triplet"])
+        assert cfg.stage1.loss.metric_lambda == value
+        assert from_dict(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="metric_lambda"):
+        load_config(None, ["stage1.loss.metric_lambda=large"])
+
+
 def test_two_view_recipe_needs_image2() -> None:
     recipe = _build("jrcl")
     batch = _toy_batch()
@@ -183,11 +254,45 @@ def test_proco_needs_setup_and_updates_state_after_step() -> None:
     recipe.after_step(model)
     assert int(recipe.proco.queue_ptr) == 12  # 12 keys enqueued
     assert bool(recipe.proco.proto_initialised.all())
-    # the keys are the model's (normalised) embeddings of the batch
+    # the keys are the (normalised) queries q = G(h) of the batch, h the backbone features before the neck F
     with torch.no_grad():
-        emb = model(batch["image"])["embedding"]
-    torch.testing.assert_close(recipe.proco.queue_keys[:12], F.normalize(emb, dim=1))
+        q = extra["query_head"](model.backbone(batch["image"]))
+    torch.testing.assert_close(recipe.proco.queue_keys[:12], F.normalize(q, dim=1))
     torch.testing.assert_close(recipe.proco.queue_labels[:12], batch["label"])
+
+
+def test_proco_classifier_reads_f_and_f_learns_through_ce() -> None:
+    recipe = _build("proco", proco_lambda=0.0)  # CE alone: F (the neck) must still get a gradient
+    assert isinstance(recipe, pr.ProCoRecipe) and not recipe.needs_projector
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    assert model.neck is not None
+    batch = _toy_batch()
+    loss, logs = recipe.loss(model, batch, 0)
+    with torch.no_grad():
+        h = model.backbone(batch["image"])
+        ce_f = F.cross_entropy(model.head(model.neck(h)), batch["label"])  # CE(classifier(F(h)))
+        ce_h = F.cross_entropy(model.head(h), batch["label"])  # the old, wrong CE on h
+    assert logs["ce"] == pytest.approx(float(ce_f), rel=1e-6)
+    assert abs(float(ce_f) - float(ce_h)) > 1e-3
+    loss.backward()
+    for p in model.neck.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_proco_checkpoint_loads_into_a_model_built_without_the_neck() -> None:
+    # Evaluation and stage 2 build the model from the checkpoint's meta, without running the recipe's setup:
+    # the neck must come back from the state dict, and prediction must go through it.
+    recipe = _build("proco")
+    model = _mlp_model(recipe)
+    recipe.setup(model)
+    fresh = _mlp_model(recipe, seed=1)
+    assert fresh.neck is None
+    fresh.load_state_dict(model.state_dict())
+    x = _toy_batch()["image"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.classify(fresh.forward_features(x)), model(x)["logits"])
+        torch.testing.assert_close(fresh.forward_features(x), model.neck(model.backbone(x)))  # type: ignore[misc]
 
 
 # ------------------------------------------------------------------------------------------------ LMD
@@ -206,6 +311,13 @@ def test_lmd_rrl_terms_off_before_start_epoch() -> None:
         assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     _, logs = recipe.loss(model, batch, 3)
     assert logs["rrl_prob"] > 0 and logs["rrl_batch"] > 0 and logs["rrl_chan"] > 0
+
+
+def test_lmd_rrl_channel_scale_from_config() -> None:
+    recipe = _build("lmd_rrl")
+    assert isinstance(recipe, pr.LMDRRLRecipe) and recipe.relation.chan_norm == "dim"  # the default
+    recipe = _build("lmd_rrl", rrl_chan_norm="batch")
+    assert isinstance(recipe, pr.LMDRRLRecipe) and recipe.relation.chan_norm == "batch"
 
 
 def test_lmd_rrl_teacher_equal_student_gives_zero_relation_terms() -> None:
@@ -301,6 +413,13 @@ def test_spmix_reproducible_per_epoch() -> None:
         outs.append(spy.seen["image"])
     torch.testing.assert_close(outs[0], outs[1])
     assert not torch.equal(outs[0], outs[2])
+
+
+def test_spmix_recipes_compute_saliency_on_unnormalised_images() -> None:
+    # the engine normalises batches with the ImageNet statistics; the mixers undo that for the saliency
+    for recipe in (_build("spmix"), _build("jrcl", spmix=True)):
+        assert isinstance(recipe, pr.SPMixRecipe)
+        assert recipe.spmix.mean == (0.485, 0.456, 0.406) and recipe.spmix.std == (0.229, 0.224, 0.225)
 
 
 def test_spmix_missing_tail_stream() -> None:
