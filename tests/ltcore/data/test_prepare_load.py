@@ -4,6 +4,7 @@ S3 test server through ``pipelines/prepare_data.py``; throughput and the peak me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -30,10 +31,8 @@ def _tree_rss(pid: int) -> int:
         return 0
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
