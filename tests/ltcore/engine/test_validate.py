@@ -143,19 +143,3 @@ def test_prepare_checks_normal_class_before_writing(tmp_path):
         ensure_dataset(cfg)
     assert not (tmp_path / "datasets").exists()
     assert ray.is_initialized() == ray_before  # prepare stopped before starting Ray
-
-
-def test_progress_lines_are_rate_limited(capsys, monkeypatch):
-    from ltcore.engine import loops
-
-    clock = iter([0.0, 10.0, 30.0, 70.0, 71.0, 200.0, 400.0])
-    monkeypatch.setattr(loops.time, "perf_counter", lambda: next(clock))
-    p = loops._Progress("[stage1] epoch 1/2", every_s=60.0)  # starts at t=0
-    for _ in range(4):  # t = 10, 30, 70, 71
-        p.step(64, 2.0)
-    lines = capsys.readouterr().out.splitlines()
-    # one line: at t=70 (the first step 60 s or more after the start), none at 71
-    assert lines == ["[stage1] epoch 1/2 step 3: 192 images on this worker, 3 img/s, mean loss 2.0000"]
-    off = loops._Progress("[stage1] epoch 1/2", every_s=0.0)  # t = 200
-    off.step(64, 1.0)
-    assert capsys.readouterr().out == ""
