@@ -3,7 +3,7 @@
     python benchmarks/gpu_throughput.py                                   # all of HAM10000, batch 256, 200 steps
     python benchmarks/gpu_throughput.py --images 2048 --steps 40 --warmup 10   # a quick look
 
-Run from the repository root (``pipelines/configs/ham10000.yaml`` finds the data at ``../shared/data/ham10000``).
+Run from the repository root (``ltcore/configs/ham10000.yaml`` finds the data at ``../shared/data/ham10000``).
 Target on one H100: >= 2,500 images/s end to end. It needs a CUDA device; on a machine without one it prints
 one line, writes nothing and exits 0.
 
@@ -210,7 +210,7 @@ def ingest_batches(ds: Any, clock: Any, args: argparse.Namespace, device: torch.
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "pipelines", "configs", "ham10000.yaml"))
+    p.add_argument("--config", default=os.path.join(REPO, "ltcore", "configs", "ham10000.yaml"))
     p.add_argument("--images", type=int, default=0, help="data.limit: images in the dataset version, 0 = all")
     p.add_argument("--image-size", type=int, default=224, help="data.image_size and the trained side")
     p.add_argument("--work-dir", default="./ltcore-runs/bench-datasets", help="data.output: where the version goes")

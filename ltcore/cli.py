@@ -1,11 +1,14 @@
-"""What every entry script shares: argument parsing, Ray start-up, one-line errors.
+"""What every entry point shares: argument parsing, config loading, Ray start-up, one-line errors.
 
-Entry scripts in ``pipelines/`` stay thin: parse, load config, start Ray, call one library function.
+The entry points (:mod:`ltcore.entry`, run by the console scripts and by ``pipelines/*.py``) stay thin: parse,
+load config, start Ray, call one library function. The shipped configs are package data (``ltcore/configs``), so
+an installed package (not only a source checkout) finds the demo config.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -15,8 +18,9 @@ from ltcore import storage
 from ltcore.config import Config, ConfigError, load_config
 from ltcore.raystart import init_ray as init_ray  # re-exported: the entry scripts start Ray through cli
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(REPO_ROOT, "pipelines", "configs", "demo.yaml")
+# The shipped configs: demo.yaml (the default of ltcore-train) and one HAM10000 config per method.
+CONFIG_DIR = str(importlib.resources.files("ltcore") / "configs")
+DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.yaml")
 
 # A smoke test runs any config tiny: one short epoch per stage on a few hundred images.
 SMOKE_OVERRIDES = (

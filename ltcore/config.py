@@ -220,6 +220,10 @@ class Stage1Config:
     loss: LossConfig = field(default_factory=LossConfig)
 
 
+# tau-normalisation's candidate taus, searched on the validation split (Kang et al.): 0.0, 0.1, ..., 2.0
+TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
+
+
 @dataclass(frozen=True)
 class Stage2Config:
     method: str = "none"  # none | crt | tau_norm | lws | posthoc_la | crw | drs | icc
@@ -227,8 +231,7 @@ class Stage2Config:
     batch_size: int = field(default=64, metadata=check(ge(1)))
     lr: float = field(default=0.1, metadata=check(gt(0)))
     q: float = field(default=0.0, metadata=check(in_range(0, 1)))  # class-balanced by default (cRT, LWS, DRS)
-    tau_grid: tuple[float, ...] = field(default=tuple(round(0.1 * i, 1) for i in range(21)),
-                                        metadata=check(nonempty("list of tau values")))
+    tau_grid: tuple[float, ...] = field(default=TAU_GRID, metadata=check(nonempty("list of tau values")))
     la_tau: float = 1.0
     icc_rounds: int = field(default=3, metadata=check(ge(1)))
     icc_virtual_per_class: int = field(default=500, metadata=check(ge(1)))

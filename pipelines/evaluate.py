@@ -1,30 +1,9 @@
-"""Evaluate a saved model (any stage checkpoint) on a split of any dataset version.
+"""Evaluate a saved model on a split of a dataset version (``ltcore-evaluate``): see :mod:`ltcore.entry.evaluate`.
 
     python pipelines/evaluate.py --model <checkpoint URI> --dataset <manifest URI> [--split test] [--out DIR]
-
-Prints the metrics table; the last line is ``report: <report.json URI>``.
 """
 
-from __future__ import annotations
-
-from ltcore import cli
-
-
-def main() -> int:
-    p = cli.parser(__doc__.splitlines()[0], config=False)
-    p.add_argument("--model", required=True, help="checkpoint directory URI (the report's `model` field)")
-    p.add_argument("--dataset", required=True, help="manifest.json URI of a dataset version")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--out", default=None, help="where report.json goes (default: <model>/eval-<split>)")
-    p.add_argument("--batch-size", type=int, default=128)
-    args = p.parse_args()
-
-    from ltcore.engine.evaluate import evaluate_checkpoint
-
-    uri = evaluate_checkpoint(args.model, args.dataset, args.split, out_uri=args.out, batch_size=args.batch_size)
-    print(f"report: {uri}", flush=True)
-    return 0
-
+from ltcore.entry.evaluate import run
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run()

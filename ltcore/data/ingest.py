@@ -80,6 +80,7 @@ import torch
 from ltcore import storage
 from ltcore.config import Check, check, check_fields, ge, nonempty
 from ltcore.data import sampling
+from ltcore.data.manifest import Manifest
 from ltcore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, KINDS, build_transform, decode_image, normalize_images
 
 READ_COLUMNS = ["id", "image", "label"]
@@ -151,13 +152,7 @@ class _Version:
 def _version(manifest: Any, split: str) -> _Version:
     """Classes, counts and shard URIs of ``split`` from a manifest URI, a Manifest, or a manifest dict."""
     if isinstance(manifest, str):
-        try:
-            from ltcore.data.manifest import Manifest
-        except ImportError:  # pragma: no cover - manifest.py ships with the package
-            uri = manifest if manifest.endswith(".json") else storage.join(manifest, "manifest.json")
-            manifest = storage.read_json(uri)
-        else:
-            manifest = Manifest.load(manifest)
+        manifest = Manifest.load(manifest)
     if isinstance(manifest, Mapping):
         classes = tuple(manifest["classes"])
         counts_all, shards_all = manifest["counts"], manifest["shards"]

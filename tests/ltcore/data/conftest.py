@@ -98,7 +98,7 @@ def version_writer(tmp_path: Path) -> Callable[..., str]:
 
 
 def ham_config(ham: Path, output: str) -> DataConfig:
-    """What pipelines/configs/ham10000.yaml says, with the data folder and output given."""
+    """What ltcore/configs/ham10000.yaml says, with the data folder and output given."""
     src = SourceConfig(kind="table", table=str(ham / "HAM10000_metadata.csv"), image_root=str(ham / "images"),
                        id_column="image_id", path_template="{id}.jpg", label_column="dx", group_column="lesion_id")
     return DataConfig(name="ham10000", source=src, output=output, image_size=128)
@@ -116,7 +116,7 @@ class HamVersion:
 
 @pytest.fixture(scope="session")
 def ham10000_version(ray_session: None, ham10000_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> HamVersion:
-    """The lesion-grouped HAM10000 version of ``pipelines/configs/ham10000.yaml`` (a full prepare, ~1 minute)."""
+    """The lesion-grouped HAM10000 version of ``ltcore/configs/ham10000.yaml`` (a full prepare, ~1 minute)."""
     cfg = ham_config(ham10000_dir, str(tmp_path_factory.mktemp("ham10000") / "datasets"))
     t0 = time.monotonic()
     uri, up_to_date = prepare_dataset(cfg, progress=False)

@@ -116,7 +116,7 @@ def test_rerun_is_up_to_date_and_writes_nothing(embedded: tuple[DataConfig, str]
 def test_cli_reports_up_to_date_with_last_line(embedded: tuple[DataConfig, str]) -> None:
     cfg, uri = embedded
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # an up-to-date version must not need Ray at all
-    r = subprocess.run([sys.executable, "pipelines/prepare_data.py", "--config", "pipelines/configs/demo.yaml",
+    r = subprocess.run([sys.executable, "pipelines/prepare_data.py", "--config", "ltcore/configs/demo.yaml",
                         f"output={cfg.output}", "rows_per_shard=200"],
                        cwd=REPO, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

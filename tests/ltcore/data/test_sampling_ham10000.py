@@ -1,6 +1,6 @@
 """The issue's acceptance check for sampling, on HAM10000's train split, through the Ray Data ingest.
 
-The version is ``pipelines/configs/ham10000.yaml``'s (lesion-grouped 70/10/20, prepared once per session by the
+The version is ``ltcore/configs/ham10000.yaml``'s (lesion-grouped 70/10/20, prepared once per session by the
 ``ham10000_version`` fixture). Each epoch is streamed by :func:`~ltcore.data.ingest.build_dataset` exactly as a
 Ray Train worker would (resampling in the read tasks, an :class:`EpochClock` set per epoch); images are decoded at
 8 px with the deterministic ``test`` view, so an epoch of ~7,000 rows takes seconds. The class histogram of the

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 
 def _cfg(tmp_path: Path, *overrides: str):
-    return load_config(str(REPO / "pipelines" / "configs" / "demo.yaml"), [
+    return load_config(str(REPO / "ltcore" / "configs" / "demo.yaml"), [
         f"data.output={tmp_path / 'datasets'}", f"train.storage={tmp_path / 'store'}", "train.num_workers=2",
         "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "stage1.epochs=2", "stage2.epochs=2", *overrides,
     ])

@@ -176,7 +176,7 @@ def test_unwritable_run_storage_fails_before_prepare(tmp_path):
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("prepared")
-    proc, _ = _cli("prepare_data.py", "--config", str(REPO / "pipelines" / "configs" / "demo.yaml"),
+    proc, _ = _cli("prepare_data.py", "--config", str(REPO / "ltcore" / "configs" / "demo.yaml"),
                    "rows_per_shard=100", f"output={tmp / 'datasets'}", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, proc.stdout.strip().splitlines()[-1].removeprefix("dataset: ")
@@ -194,7 +194,7 @@ def test_missing_shard_is_caught_and_prepare_rebuilds_it(prepared, tmp_path):
     assert "is damaged" in line and f"{shard} is missing" in line, line
     assert took < 60 and not (tmp_path / "store").exists()
     # prepare finds the version damaged and rebuilds it: the same version, the same shard bytes
-    proc, _ = _cli("prepare_data.py", "--config", str(REPO / "pipelines" / "configs" / "demo.yaml"),
+    proc, _ = _cli("prepare_data.py", "--config", str(REPO / "ltcore" / "configs" / "demo.yaml"),
                    "rows_per_shard=100", f"output={tmp / 'datasets'}", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"dataset: {manifest_uri}"

@@ -1,6 +1,6 @@
 """Every shipped HAM10000 method config runs end to end with ``--smoke-test`` on the real data, 2 Ray Train workers.
 
-``two_stage.py --config pipelines/configs/ham10000_<method>.yaml --smoke-test`` is ``cli.load(path, overrides,
+``two_stage.py --config ltcore/configs/ham10000_<method>.yaml --smoke-test`` is ``cli.load(path, overrides,
 smoke=True)`` then ``run_two_stage``; the tests do the same in-process on the shared 2-CPU Ray, with the data paths
 pointed at ``../shared/data/ham10000`` and the outputs at a temporary folder. The smoke settings keep 300 images
 (stratified), one epoch of 2 steps per stage. All configs share one prepared version (same data section, so the
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-CONFIGS = sorted(p.stem.removeprefix("ham10000_") for p in (REPO / "pipelines" / "configs").glob("ham10000_*.yaml")
+CONFIGS = sorted(p.stem.removeprefix("ham10000_") for p in (REPO / "ltcore" / "configs").glob("ham10000_*.yaml")
                  if p.stem != "ham10000_base")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -38,7 +38,7 @@ def test_ham_config_smoke_two_workers(ray_session, ham10000_dir: Path, ham_outpu
     from ltcore import cli
     from ltcore.engine.pipeline import run_two_stage
 
-    cfg = cli.load(str(REPO / "pipelines" / "configs" / f"ham10000_{method}.yaml"), [
+    cfg = cli.load(str(REPO / "ltcore" / "configs" / f"ham10000_{method}.yaml"), [
         f"data.source.table={ham10000_dir / 'HAM10000_metadata.csv'}",
         f"data.source.image_root={ham10000_dir / 'images'}",
         f"data.output={ham_outputs / 'datasets'}", f"train.storage={tmp_path / 'store'}",

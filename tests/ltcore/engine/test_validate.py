@@ -14,7 +14,7 @@ from ltcore.data.manifest import Manifest
 from ltcore.engine.pipeline import validate
 
 REPO = Path(__file__).resolve().parents[3]
-DEMO = str(REPO / "pipelines" / "configs" / "demo.yaml")
+DEMO = str(REPO / "ltcore" / "configs" / "demo.yaml")
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -37,7 +37,7 @@ def test_validate_rejects(override, message):
 
 
 def test_validate_accepts_every_shipped_config():
-    for path in sorted((REPO / "pipelines" / "configs").glob("*.yaml")):
+    for path in sorted((REPO / "ltcore" / "configs").glob("*.yaml")):
         if path.name == "ham10000_base.yaml" or path.name == "ham10000.yaml":
             continue  # bases, not runnable on their own
         validate(load_config(str(path)))
