@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score
 from torch import nn
 
+from ltcore.config import TAU_GRID
+
 #: the tau grid of METHODS.md: 0, 0.1, ..., 2.0 (i / 10 rather than 0.1 * i keeps the keys exact decimals)
-DEFAULT_TAUS: tuple[float, ...] = tuple(i / 10 for i in range(21))
 
 
 def tau_normalize(weight: torch.Tensor, tau: float) -> torch.Tensor:
@@ -53,7 +54,7 @@ def select_tau(
     features: torch.Tensor,
     labels: torch.Tensor,
     weight: torch.Tensor,
-    taus: Sequence[float] = DEFAULT_TAUS,
+    taus: Sequence[float] = TAU_GRID,
 ) -> tuple[float, dict[float, float]]:
     """Choose tau for ``tau_normalize`` by balanced accuracy on held-out (validation) features.
 

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ltcore.config import TAU_GRID
 from ltcore.data.sampling import class_probabilities, draw_repeats
 from ltcore.losses import CrossEntropyLoss, class_balanced_weights
 from ltcore.methods.calibrators import LWSClassifier, reinit_linear, select_tau, tau_normalize
-
-TAU_GRID = tuple(round(0.1 * i, 1) for i in range(21))  # 0.0, 0.1, ..., 2.0
 
 FEATURE_CALIBRATORS = ("crt", "tau_norm", "lws", "posthoc_la", "crw", "drs")
 

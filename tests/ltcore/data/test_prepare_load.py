@@ -58,7 +58,7 @@ def test_prepare_50k_images_through_s3(ham10000_dir: Path, s3_bucket: str, tmp_p
     upload_s = time.monotonic() - t0
 
     cmd = [sys.executable, str(REPO / "pipelines" / "prepare_data.py"),
-           "--config", str(REPO / "pipelines" / "configs" / "ham10000.yaml"), "name=ham50k",
+           "--config", str(REPO / "ltcore" / "configs" / "ham10000.yaml"), "name=ham50k",
            f"source.table={s3_bucket}/raw/meta.csv", f"source.image_root={s3_bucket}/raw/images",
            f"output={s3_bucket}/datasets", "image_size=64"]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
-DEMO = str(REPO / "pipelines" / "configs" / "demo.yaml")
+DEMO = str(REPO / "ltcore" / "configs" / "demo.yaml")
 # 2-4 minutes each on 2 cores: run by `make test-all` and `pytest -m fault`, not `make test`
 pytestmark = [pytest.mark.fault, pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 RAY_LOCAL = ["train.num_workers=1", "train.cpus_per_worker=0.5", "train.data_cpus=0.5", "train.progress_every_s=0"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ltcore.methods.calibrators import DEFAULT_TAUS, LWSClassifier, reinit_linear, select_tau, tau_normalize
+from ltcore.config import TAU_GRID as DEFAULT_TAUS
+from ltcore.methods.calibrators import LWSClassifier, reinit_linear, select_tau, tau_normalize
 
 # row norms 5 and 2
 W = torch.tensor([[3.0, 4.0], [0.0, 2.0]])

@@ -215,12 +215,12 @@ def test_metric_triplet_default_value_is_ce_plus_0_03_triplet() -> None:
 def test_shipped_metric_configs_mean_what_they_say() -> None:
     # ham10000_metric.yaml: "SupCon, lambda 1.0, tau 0.1"
     repo = Path(__file__).resolve().parents[3]
-    cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"))
+    cfg = load_config(str(repo / "ltcore/configs/ham10000_metric.yaml"))
     loss = cfg.stage1.loss
     assert (cfg.stage1.method, loss.metric_loss, loss.metric_lambda, loss.temperature) == ("metric", "supcon", 1.0, 0.1)
     # "auto" and numbers both parse from overrides and survive the saved-config round trip
     for text, value in (("auto", "auto"), ("0.03", 0.03)):
-        cfg = load_config(str(repo / "pipelines/configs/ham10000_metric.yaml"),
+        cfg = load_config(str(repo / "ltcore/configs/ham10000_metric.yaml"),
                           [f"stage1.loss.metric_lambda={text}", "stage1.loss.metric_loss=triplet"])
         assert cfg.stage1.loss.metric_lambda == value
         assert from_dict(to_dict(cfg)) == cfg
