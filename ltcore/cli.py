@@ -58,8 +58,10 @@ def use_storage(cfg: Config) -> None:
 
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run an entry point; expected errors become one line on stderr and exit code 2, no traceback."""
+    from ltcore import logs
     from ltcore.engine.runs import RunError
 
+    logs.setup()
     try:
         code = fn()
     except (ConfigError, storage.StorageError, ValueError, FileNotFoundError) as e:

@@ -28,6 +28,7 @@ import dataclasses
 import datetime as _dt
 import io
 import json
+import logging
 import os
 import posixpath
 import time
@@ -43,6 +44,7 @@ from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri
 from ltcore.data.sources import SourceTable, fingerprints, load_source
 from ltcore.raystart import init_ray
 
+logger = logging.getLogger("ltcore.data")
 JPEG_QUALITY = 95
 _KEY_SHARD_ORDER = 101  # row_uniforms key of the shard order (ingest uses keys below 100)
 _READ_CHUNK = 64  # images fetched per request batch inside a shard task; bounds a task's memory
@@ -72,7 +74,7 @@ def prepare_dataset(
         ValueError: bad config values or bad input (one line naming the file/row/class and what to do).
         storage.StorageError: an output or input URI that cannot be reached or written.
     """
-    say: Callable[[str], None] = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
+    say: Callable[[str], None] = logger.info if progress else (lambda msg: None)
     t0 = time.monotonic()
     check_config(cfg, "data.")  # a section built in code has not been checked yet
     cfg = _resolved(cfg)

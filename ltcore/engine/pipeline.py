@@ -6,6 +6,7 @@ Everything that can be checked before cluster work starts is checked first (``va
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ from ltcore.methods.recipes import stage1_methods
 from ltcore.methods.stage2 import FEATURE_CALIBRATORS
 from ltcore.models import list_backbones
 
+logger = logging.getLogger("ltcore.pipeline")
 STAGE2_METHODS = ("none", *FEATURE_CALIBRATORS, "icc")
 
 
@@ -138,7 +140,7 @@ def ensure_dataset(cfg: Config) -> str:
     return uri
 
 
-def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], None] | None = None) -> str:
+def run_two_stage(cfg: Config, *, log: Any = None, start_cluster: Callable[[], None] | None = None) -> str:
     """Run stage 1 (and stage 2 unless ``stage2.method: none``); returns the report.json URI.
 
     Order: config checks, the run folder (bucket, writable, a resume continues the same config), the dataset
@@ -146,6 +148,7 @@ def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], 
     ``start_cluster`` (the entry scripts start or join Ray here) and training. A failure while training is a
     :class:`runs.RunError`: one line naming the run's ``error.log`` and the command that resumes it.
     """
+    log = log or logger.info
     t_start = time.perf_counter()
     run, manifest_uri, manifest = open_checked_run(cfg, log=log)
     if start_cluster is not None:
@@ -158,9 +161,10 @@ def run_two_stage(cfg: Config, *, log: Any = print, start_cluster: Callable[[], 
     return uri
 
 
-def open_checked_run(cfg: Config, *, log: Any = print) -> tuple[runs.Run, str, Manifest]:
+def open_checked_run(cfg: Config, *, log: Any = None) -> tuple[runs.Run, str, Manifest]:
     """Every check that can run before cluster work, in order: the config, the run folder, the dataset version
     (prepared if needed) against the config and against what a resumed run trained on."""
+    log = log or logger.info
     validate(cfg)
     run = runs.open_run(cfg)
     manifest_uri = ensure_dataset(cfg)

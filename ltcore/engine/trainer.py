@@ -15,7 +15,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ltcore import storage
+from ltcore import logs, storage
 from ltcore.config import Config, ConfigError, to_dict
 from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
 from ltcore.data.manifest import Manifest
@@ -84,12 +84,13 @@ def run_config(cfg: Config, run_uri: str, name: str) -> ray.train.RunConfig:
     fs, path = storage.arrow_fs(run_uri)
     if storage.is_local(run_uri):
         os.makedirs(path, exist_ok=True)
-    return ray.train.RunConfig(
+    return ray.train.RunConfig(  # type: ignore[call-arg]  # Train V2's RunConfig (the default in Ray 2.60)
         name=name,
         storage_path=path,
         storage_filesystem=fs,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        logging_config=ray.train.LoggingConfig(log_level=logs.ray_log_level()),  # Ray Train's own lines
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from ltcore import logs
 from ltcore.config import Config
 from ltcore.data.transforms import normalize_images
 from ltcore.engine import checkpoint as ckpt
@@ -178,15 +178,8 @@ def eval_metrics(cfg: Config, probs: np.ndarray, labels: np.ndarray, classes: li
 
 
 def setup_logging() -> None:
-    """ltcore's lines to stdout, one per event, without prefixes (workers and drivers alike); idempotent."""
-    root = logging.getLogger("ltcore")
-    if not any(getattr(h, "_ltcore", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._ltcore = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    root.propagate = False
+    """ltcore's lines from this worker to stdout, once each (see :mod:`ltcore.logs`)."""
+    logs.setup()
 
 
 def log(msg: str) -> None:
