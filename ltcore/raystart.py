@@ -8,7 +8,8 @@ Ray is imported inside the function: importing this module costs nothing.
 from __future__ import annotations
 
 import os
-import sys
+import tempfile
+from typing import Any
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -33,6 +34,37 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard's state API is what Ray Train's placement-group cleaner polls; keep it on.
         # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
-        ray.init(address="local", num_cpus=num_cpus, **quiet)
+        start_local(num_cpus=num_cpus, **quiet)
     logging.getLogger("ray").setLevel(level)
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # Ray Data's progress: bars on a terminal; otherwise log lines at INFO, which the level above keeps quiet.
+
+
+# A local Ray's processes must find their own cluster when they look one up without an address: Ray Train's
+# placement-group cleaner asks the state API whether the run's controller is alive, and with no address the state
+# API asks the cluster that `ray start` recorded last in <temp>/ray/ray_current_cluster. Another Ray head on the
+# same machine (a `ray start` cluster, a test's) answers "no such actor", and the cleaner removes the live run's
+# placement group, killing its workers. So a local Ray gets a temp root of its own (RAY_TMPDIR, inherited by every
+# process it starts), in which its own address is recorded.
+
+
+def start_local(**init_kwargs: Any) -> None:
+    """``ray.init(address="local", ...)`` in a temp root of its own, with its address recorded there."""
+    import ray
+
+    root = _private_temp_root()
+    ray.init(address="local", _temp_dir=os.path.join(root, "ray"), **init_kwargs)
+    _record_address(root, ray.get_runtime_context().gcs_address)
+
+
+def _private_temp_root() -> str:
+    # Short and under /tmp: Ray's Unix socket paths live below it (about 107 characters at most).
+    root = tempfile.mkdtemp(prefix="ltray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    os.environ["RAY_TMPDIR"] = root  # before ray.init: the processes it starts inherit it
+    return root
+
+
+def _record_address(temp_root: str, gcs_address: str) -> None:
+    path = os.path.join(temp_root, "ray", "ray_current_cluster")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(gcs_address)

@@ -36,7 +36,10 @@ def ray_session() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         # address="local": never join a cluster some earlier `ray start` left recorded on this machine.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        from ltcore.raystart import start_local
+
+        # A temp root of its own: other Ray heads that tests start (`ray start`) never answer for this one.
+        start_local(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield

@@ -245,3 +245,20 @@ def test_failed_decode_leaves_no_dataset_folder(tmp_path):
                    f"data.output={tmp_path / 'datasets'}", cwd=tmp_path)
     assert "cannot be decoded" in _one_error_line(proc)
     assert not (tmp_path / "datasets" / "toy").exists()  # no empty version or dataset folders
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9: a training run in ltcore's own local Ray while another Ray head runs on the machine. Ray Train's
+# placement-group cleaner asks the state API whether the run's controller is alive; without an address it asks
+# the cluster `ray start` recorded last (/tmp/ray/ray_current_cluster), which does not know the controller and
+# answers "dead": the live run's placement group was removed and its workers killed (WorkerGroupError).
+
+
+@pytest.mark.slow
+def test_run_beside_another_ray_head_is_not_torn_down(ray_head, tmp_path):
+    _, _env = ray_head  # `ray start --head` has recorded itself as the machine's latest cluster
+    proc, _took = _cli("two_stage.py", "--smoke-test", "train.num_workers=1", "train.cpus_per_worker=0.5",
+                      "train.data_cpus=0.5", "stage1.epochs=2", "train.max_steps_per_epoch=10",
+                      "train.max_failures=0", *_paths(tmp_path), "train.run_id=beside", cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (tmp_path / "store" / "runs" / "beside" / "report.json").exists()
