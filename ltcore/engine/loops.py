@@ -464,8 +464,7 @@ def icc_loop(loop_config: dict[str, Any]) -> None:
     -> M-step: a fresh linear classifier on virtual features -> E-step: the classifier frozen, the backbone
     fine-tuned for one pass over augmented real images with GCE + FDC (``ltcore.methods.icc``).
     """
-    from ltcore.losses import ClassGaussians, ema_alpha
-    from ltcore.methods.icc import e_step_loss, fit_class_gaussians, m_step
+    from ltcore.methods.icc import ClassGaussians, e_step_loss, ema_alpha, fit_class_gaussians, m_step
 
     cfg: Config = from_dict(loop_config["cfg"])
     classes: list[str] = loop_config["classes"]
