@@ -4,13 +4,16 @@
 amplitude ``A`` and phase ``P``::
 
     L = log A;  R = L - h_3 * L          (h_3: 3 x 3 box filter)
-    S = g * |F^-1[exp(R + i P)]|^2       (g: Gaussian blur)
+    S = (g * |F^-1[exp(R + i P)]|)^2     (g: 5 x 5 Gaussian, sigma 8)
 
-then min-max normalised to ``[0, 1]`` per image. As in the paper and OpenCV's
-``StaticSaliencySpectralResidual`` (the static saliency the SPMix public code used), the map is computed on a
-64 x 64 downscaled copy and resized back; the box filter uses reflect padding and the blur OpenCV's 5 x 5,
-sigma 8 kernel. Unlike OpenCV, ``log A`` is not offset by 1, so the map does not depend on the intensity
-scale, and the normalisation is min-max rather than divide-by-max.
+then min-max normalised to ``[0, 1]`` per image. This is OpenCV's ``StaticSaliencySpectralResidual``, the
+static saliency the SPMix public code used (its maps are the reference of the tests): the map is computed on a
+64 x 64 bilinear downscale of the grey image (no antialiasing, as OpenCV's ``INTER_LINEAR``) and resized back;
+the filters use reflect-101 borders; the Gaussian blurs the magnitude, which is then squared (the paper writes
+the blur after squaring; we follow the implementation). Differences from OpenCV, none of which matters to
+SPMix: the amplitude is floored at ``eps`` times its maximum before the log (OpenCV takes ``log 0``), the grey
+image is not rounded to 8 bits, and the map is min-max normalised rather than divided by its maximum (SPMix
+min-max normalises its patch scores anyway, so both give the same scores).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def spectral_residual_saliency(
             intensity changes at most the DC term).
         work_size: side of the square working resolution (64 in the paper and OpenCV); None works at
             ``(H, W)``.
-        blur_size: odd side of the Gaussian kernel applied to the squared map.
+        blur_size: odd side of the Gaussian kernel applied to the magnitude before squaring.
         blur_sigma: its standard deviation in working-resolution pixels.
         eps: floor on the Fourier amplitude before the log, relative to the image's largest amplitude, so
             empty frequencies stay finite.
@@ -82,7 +85,7 @@ def spectral_residual_saliency(
     weights = torch.tensor(_GREY, dtype=dtype, device=x.device).view(1, 3, 1, 1)
     grey = (x * weights).sum(1, keepdim=True)  # (B, 1, H, W)
     if work_size is not None and (h, w) != (work_size, work_size):
-        grey = F.interpolate(grey, size=(work_size, work_size), mode="bilinear", align_corners=False, antialias=True)
+        grey = F.interpolate(grey, size=(work_size, work_size), mode="bilinear", align_corners=False)
 
     spec = torch.fft.fft2(grey)  # (B, 1, h', w') complex
     amp = spec.abs()
@@ -92,8 +95,8 @@ def spectral_residual_saliency(
     phase = torch.angle(spec)
     box = torch.full((1, 1, 3, 3), 1.0 / 9.0, dtype=dtype, device=x.device)
     residual = log_amp - _filter(log_amp, box)
-    sal = torch.fft.ifft2(torch.polar(torch.exp(residual), phase)).abs().pow(2)  # (B, 1, h', w')
-    sal = _filter(sal, _gaussian_kernel(blur_size, blur_sigma, dtype, x.device))
+    sal = torch.fft.ifft2(torch.polar(torch.exp(residual), phase)).abs()  # (B, 1, h', w')
+    sal = _filter(sal, _gaussian_kernel(blur_size, blur_sigma, dtype, x.device)).pow(2)
     if sal.shape[-2:] != (h, w):
         sal = F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)
 

@@ -8,15 +8,8 @@ from ltcore.losses.class_balanced import DeferredReweighting, as_class_counts, c
 from ltcore.losses.focal import FocalLoss
 from ltcore.losses.jrcl import BDCLoss, OneToAllSupConLoss, binary_targets
 from ltcore.losses.ldam import LDAMLoss
-from ltcore.losses.lmd import (
-    ClassGaussians,
-    FDCLoss,
-    GeneralizedCELoss,
-    RelationDistillationLoss,
-    ema_alpha,
-    ema_update_,
-)
-from ltcore.losses.logit_adjust import LogitAdjustedLoss, posthoc_logit_adjust
+from ltcore.losses.lmd import FDCLoss, GeneralizedCELoss, RelationDistillationLoss
+from ltcore.losses.logit_adjust import LogitAdjustedLoss
 from ltcore.losses.proco import ProCoLoss, recalibration_weights
 from ltcore.losses.supcon import SupConLoss
 from ltcore.losses.triplet import BatchHardTripletLoss, ClassCentreTripletLoss
@@ -26,7 +19,6 @@ __all__ = [
     "BalancedSoftmaxLoss",
     "BatchHardTripletLoss",
     "ClassCentreTripletLoss",
-    "ClassGaussians",
     "CrossEntropyLoss",
     "DeferredReweighting",
     "FDCLoss",
@@ -41,8 +33,5 @@ __all__ = [
     "as_class_counts",
     "binary_targets",
     "class_balanced_weights",
-    "ema_alpha",
-    "ema_update_",
-    "posthoc_logit_adjust",
     "recalibration_weights",
 ]

@@ -1,5 +1,6 @@
 """Logit adjustment, "Long-tail learning via logit adjustment", Menon et al., ICLR 2021,
-arXiv 2007.07314: the logit-adjusted loss and the post-hoc correction.
+arXiv 2007.07314: the logit-adjusted loss. (The post-hoc correction is the stage-2 calibrator ``posthoc_la`` in
+:mod:`ltcore.methods.stage2`.)
 """
 
 from __future__ import annotations
@@ -59,26 +60,3 @@ class LogitAdjustedLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}, num_classes={self.log_prior.numel()}"
-
-
-def posthoc_logit_adjust(
-    logits: torch.Tensor, class_counts: Sequence[int] | np.ndarray | torch.Tensor, tau: float = 1.0
-) -> torch.Tensor:
-    """Post-hoc logit adjustment for a model trained with plain CE: ``logits - tau * log pi``.
-
-    Args:
-        logits: (N, C) or any shape whose last dimension is C.
-        class_counts: training samples per class (C,).
-        tau: adjustment strength (1 in Menon et al.).
-
-    Returns:
-        adjusted logits, same shape as ``logits``; predict with their argmax.
-
-    Raises:
-        ValueError: on a class with no samples, a non-finite ``tau``, or a class-count/logit mismatch.
-    """
-    tau = _check_tau(tau)
-    log_prior = _log_prior(class_counts)
-    if logits.shape[-1] != log_prior.numel():
-        raise ValueError(f"logits have {logits.shape[-1]} classes but class_counts has {log_prior.numel()}")
-    return logits - tau * log_prior.to(device=logits.device, dtype=logits.dtype)

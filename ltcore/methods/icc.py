@@ -23,14 +23,183 @@ per round, which is the default here (``init`` warm-starts instead).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ltcore.losses import ClassGaussians, FDCLoss, GeneralizedCELoss
+from ltcore.losses import FDCLoss, GeneralizedCELoss
+from ltcore.methods.lmd_rrl import ema_alpha
 from ltcore.models.heads import LinearHead
 
-__all__ = ["e_step_loss", "fit_class_gaussians", "m_step"]
+# ema_alpha: the per-round decay of the class statistics, the same ramp as RRL's teacher (re-exported for the engine)
+__all__ = ["ClassGaussians", "e_step_loss", "ema_alpha", "fit_class_gaussians", "m_step"]
+
+
+class ClassGaussians(nn.Module):
+    """One Gaussian per class over backbone features: ``means (C, D)``, ``covs (C, D, D)`` as buffers.
+
+    :meth:`fit` estimates ``mean_c`` and the unbiased covariance ``sum (x - mean_c)(x - mean_c)^T / (n_c - 1)``
+    plus ``shrinkage * I``. A class with a single sample has no spread to estimate, so its covariance is
+    ``shrinkage * I`` alone. :meth:`sample` draws virtual features for the ICC M-step; :meth:`ema_update_`
+    keeps the smoothed statistics used by :class:`FDCLoss`.
+
+    Args:
+        means: (C, D).
+        covs: (C, D, D), symmetric positive definite.
+        counts: optional samples per class (C,), kept for reference (0 marks a class absent from the fit).
+
+    Raises:
+        ValueError: if the shapes disagree.
+    """
+
+    means: torch.Tensor
+    covs: torch.Tensor
+    counts: torch.Tensor
+
+    def __init__(self, means: torch.Tensor, covs: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if means.ndim != 2 or covs.shape != (*means.shape, means.shape[1]):
+            raise ValueError(
+                f"means must be (C, D) and covs (C, D, D); got means {tuple(means.shape)}, covs {tuple(covs.shape)}"
+            )
+        if counts is None:
+            counts = torch.full((means.shape[0],), -1, dtype=torch.long)
+        self.register_buffer("means", means.detach().clone())
+        self.register_buffer("covs", covs.detach().clone())
+        self.register_buffer("counts", counts.detach().to(torch.long).clone())
+
+    @classmethod
+    def fit(
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        shrinkage: float = 0.01,
+        allow_missing: bool = False,
+    ) -> ClassGaussians:
+        """Fit per-class means and covariances from ``features (N, D)`` and integer ``labels (N,)``.
+
+        Statistics are accumulated in float64 and stored in ``features``' floating dtype.
+
+        Args:
+            features: (N, D).
+            labels: (N,) in ``[0, num_classes)``.
+            num_classes: C.
+            shrinkage: added to the covariance diagonal (0.01 in LMD); must be > 0 so every class is
+                positive definite.
+            allow_missing: if True, a class with no sample gets mean 0, covariance ``shrinkage * I`` and
+                count 0 (for per-batch statistics fed to :meth:`ema_update_` with ``mask=counts > 0``);
+                if False such a class is an error.
+
+        Raises:
+            ValueError: on bad shapes, labels out of range, ``shrinkage <= 0``, or a missing class.
+        """
+        if features.ndim != 2:
+            raise ValueError(f"features must be (N, D), got {tuple(features.shape)}")
+        if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels must be ({features.shape[0]},) to match features, got {tuple(labels.shape)}")
+        if shrinkage <= 0:
+            raise ValueError(f"shrinkage must be > 0 to keep covariances positive definite, got {shrinkage}")
+        labels = labels.long()
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
+            )
+        out_dtype = features.dtype if features.is_floating_point() else torch.get_default_dtype()
+        x = features.detach().to(torch.float64)
+        d = x.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=x.device)
+        means = torch.zeros(num_classes, d, dtype=torch.float64, device=x.device)
+        covs = eye.repeat(num_classes, 1, 1) * shrinkage
+        counts = torch.bincount(labels, minlength=num_classes).to(x.device)
+        missing = [c for c in range(num_classes) if int(counts[c]) == 0]
+        if missing and not allow_missing:
+            raise ValueError(
+                f"classes {missing} have no sample in features; fit needs every class (or pass allow_missing=True)"
+            )
+        for c in range(num_classes):
+            n = int(counts[c])
+            if n == 0:
+                continue
+            xc = x[labels == c]  # (n_c, D)
+            means[c] = xc.mean(0)
+            if n > 1:
+                centred = xc - means[c]
+                covs[c] += centred.t() @ centred / (n - 1)
+        return cls(means.to(out_dtype), covs.to(out_dtype), counts)
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @torch.no_grad()
+    def sample(
+        self, per_class: int, generator: torch.Generator, classes: Sequence[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw ``per_class`` virtual features from each class Gaussian, ``x = mean_c + L_c z``, ``L_c L_c^T = cov_c``.
+
+        Args:
+            per_class: samples per class (V; 50,000 in the paper).
+            generator: the source of randomness; the draw happens on the generator's device, then moves to
+                the statistics' device.
+            classes: optional subset of classes (to sample in chunks); all classes by default.
+
+        Returns:
+            ``features (K * per_class, D)`` grouped by class and ``labels (K * per_class,)``, K = len(classes).
+
+        Raises:
+            ValueError: if ``per_class < 1`` or a class index is out of range.
+        """
+        if per_class < 1:
+            raise ValueError(f"per_class must be >= 1, got {per_class}")
+        idx = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
+        if any(not 0 <= c < self.num_classes for c in idx):
+            raise ValueError(f"classes must lie in [0, {self.num_classes}), got {idx}")
+        sel = torch.tensor(idx, dtype=torch.long, device=self.means.device)
+        means, covs = self.means[sel], self.covs[sel]  # (K, D), (K, D, D)
+        # Cholesky in float64: rank-deficient covariances plus a small ridge are ill-conditioned in float32.
+        chol = torch.linalg.cholesky(covs.to(torch.float64)).to(means.dtype)  # (K, D, D)
+        z = torch.randn(
+            (len(idx), per_class, means.shape[1]), generator=generator, dtype=means.dtype, device=generator.device
+        ).to(means.device)
+        feats = means.unsqueeze(1) + z @ chol.transpose(1, 2)  # (K, per_class, D)
+        labels = sel.repeat_interleave(per_class)
+        return feats.reshape(-1, means.shape[1]), labels
+
+    @torch.no_grad()
+    def ema_update_(
+        self, means: torch.Tensor, covs: torch.Tensor, decay: float = 0.999, mask: torch.Tensor | None = None
+    ) -> None:
+        """In place: ``stat <- decay * stat + (1 - decay) * new`` for means and covariances.
+
+        Args:
+            means: new means (C, D).
+            covs: new covariances (C, D, D).
+            decay: EMA decay in ``[0, 1]`` (0.999 in LMD).
+            mask: optional bool (C,); only classes marked True are updated (classes absent from a batch
+                keep their statistics).
+
+        Raises:
+            ValueError: on shape mismatch or ``decay`` outside ``[0, 1]``.
+        """
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {decay}")
+        if means.shape != self.means.shape or covs.shape != self.covs.shape:
+            raise ValueError(
+                f"means {tuple(means.shape)} / covs {tuple(covs.shape)} must match the stored "
+                f"{tuple(self.means.shape)} / {tuple(self.covs.shape)}"
+            )
+        new_means = self.means * decay + means.detach().to(self.means) * (1.0 - decay)
+        new_covs = self.covs * decay + covs.detach().to(self.covs) * (1.0 - decay)
+        if mask is not None:
+            if mask.shape != (self.num_classes,):
+                raise ValueError(f"mask must be ({self.num_classes},), got {tuple(mask.shape)}")
+            m = mask.to(device=self.means.device, dtype=torch.bool)
+            new_means = torch.where(m[:, None], new_means, self.means)
+            new_covs = torch.where(m[:, None, None], new_covs, self.covs)
+        self.means.copy_(new_means)
+        self.covs.copy_(new_covs)
 
 
 def fit_class_gaussians(

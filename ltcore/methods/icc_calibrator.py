@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ltcore.losses import ClassGaussians, ema_alpha
-from ltcore.methods.icc import e_step_loss, fit_class_gaussians, m_step
+from ltcore.methods.icc import ClassGaussians, e_step_loss, ema_alpha, fit_class_gaussians, m_step
 
 
 class IccCalibrator:

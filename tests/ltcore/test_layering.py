@@ -21,10 +21,7 @@ RAY_ALLOWED = ("ltcore.engine.", "ltcore.data.prepare", "ltcore.data.ingest", "l
 ENTRY = ("ltcore.cli", "ltcore.entry")
 
 # Circles that exist today and are being removed; an entry must go as soon as its circle is gone.
-KNOWN_CYCLES = {
-    # recipes registers the paper recipes through a lazy import (issue 10, item 2)
-    frozenset({"ltcore.methods.recipes", "ltcore.methods.paper_recipes"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # none left; a circle that must stay would be listed here, with why
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -7,74 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.special import logsumexp
-from torch import nn
 
-from ltcore.losses.lmd import (
-    ClassGaussians,
-    FDCLoss,
-    GeneralizedCELoss,
-    RelationDistillationLoss,
-    active,
-    ema_alpha,
-    ema_update_,
-)
-
-# ---------------------------------------------------------------- EMA teacher
-
-
-@pytest.mark.parametrize(("step", "expected"), [(0, 0.0), (1, 0.5), (9, 0.9), (999, 0.999), (10**6, 0.999)])
-def test_ema_alpha(step: int, expected: float) -> None:
-    # min(1 - 1/(step+1), 0.999): 1 - 1/2 = 0.5, 1 - 1/10 = 0.9, 1 - 1/1000 = 0.999, then capped
-    assert ema_alpha(step) == pytest.approx(expected)
-
-
-def test_ema_alpha_rejects_negative_step() -> None:
-    with pytest.raises(ValueError, match="step"):
-        ema_alpha(-1)
-
-
-def _net() -> nn.Module:
-    return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-
-
-def test_ema_update_params_and_buffers() -> None:
-    teacher, student = _net(), _net()
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.fill_(1.0)
-        for p in student.parameters():
-            p.fill_(3.0)
-    teacher[1].running_mean.fill_(2.0)
-    student[1].running_mean.fill_(6.0)
-    student[1].num_batches_tracked.fill_(7)
-    ema_update_(teacher, student, alpha=0.75)
-    for p in teacher.parameters():
-        torch.testing.assert_close(p, torch.full_like(p, 1.5))  # 0.75 * 1 + 0.25 * 3
-    torch.testing.assert_close(teacher[1].running_mean, torch.full((2,), 3.0))  # 0.75 * 2 + 0.25 * 6
-    assert int(teacher[1].num_batches_tracked) == 7  # integer buffer copied
-    for p in student.parameters():
-        torch.testing.assert_close(p, torch.full_like(p, 3.0))  # student untouched
-
-
-def test_ema_update_alpha_zero_copies_student() -> None:
-    teacher, student = _net(), _net()
-    ema_update_(teacher, student, alpha=ema_alpha(0))
-    for pt, ps in zip(teacher.parameters(), student.parameters(), strict=True):
-        torch.testing.assert_close(pt, ps)
-
-
-def test_ema_update_rejects_different_architecture() -> None:
-    with pytest.raises(ValueError, match="shape"):
-        ema_update_(nn.Linear(2, 3), nn.Linear(2, 2), alpha=0.5)
-    with pytest.raises(ValueError, match="names"):
-        ema_update_(nn.Linear(2, 2), nn.Linear(2, 2, bias=False), alpha=0.5)
-
-
-def test_active_switch() -> None:
-    assert not active(20)
-    assert active(21)
-    assert active(3, start_epoch=2) and not active(2, start_epoch=2)
-
+from ltcore.losses.lmd import FDCLoss, GeneralizedCELoss, RelationDistillationLoss
 
 # ---------------------------------------------------------------- relation distillation
 
@@ -197,66 +131,6 @@ def test_gce_has_gradient_and_rejects_bad_q() -> None:
     for q in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="q"):
             GeneralizedCELoss(q=q)
-
-
-# ---------------------------------------------------------------- class Gaussians
-
-
-def test_class_gaussians_fit_hand_values() -> None:
-    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
-    stats = ClassGaussians.fit(feats, torch.tensor([0, 0, 1]), num_classes=2, shrinkage=0.01)
-    # class 0: mean (1, 0); centred (-1, 0), (1, 0): unbiased cov [[2, 0], [0, 0]] / (2 - 1), + 0.01 I
-    # class 1: one sample, mean (1, 3), covariance 0.01 I only
-    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [1.0, 3.0]]))
-    torch.testing.assert_close(stats.covs[0], torch.tensor([[2.01, 0.0], [0.0, 0.01]]))
-    torch.testing.assert_close(stats.covs[1], 0.01 * torch.eye(2))
-    assert stats.counts.tolist() == [2, 1]
-
-
-def test_class_gaussians_missing_class() -> None:
-    feats, labels = torch.zeros(2, 2), torch.tensor([0, 0])
-    with pytest.raises(ValueError, match=r"classes \[1, 2\]"):
-        ClassGaussians.fit(feats, labels, num_classes=3)
-    stats = ClassGaussians.fit(feats, labels, num_classes=3, allow_missing=True)
-    assert stats.counts.tolist() == [2, 0, 0]
-    torch.testing.assert_close(stats.covs[2], 0.01 * torch.eye(2))
-
-
-def test_class_gaussians_bad_input() -> None:
-    with pytest.raises(ValueError, match="labels"):
-        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 5]), num_classes=2)
-    with pytest.raises(ValueError, match="shrinkage"):
-        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 1]), num_classes=2, shrinkage=0.0)
-
-
-def test_class_gaussians_sample_moments_and_determinism() -> None:
-    means = torch.tensor([[0.0, 0.0], [5.0, -1.0]])
-    covs = torch.stack([torch.tensor([[2.0, 0.6], [0.6, 1.0]]), 0.25 * torch.eye(2)])
-    stats = ClassGaussians(means, covs)
-    x, y = stats.sample(20000, torch.Generator().manual_seed(3))
-    assert x.shape == (40000, 2) and y.tolist()[:1] == [0] and y.tolist()[-1:] == [1]
-    assert torch.equal(torch.bincount(y), torch.tensor([20000, 20000]))
-    refit = ClassGaussians.fit(x, y, num_classes=2, shrinkage=1e-12)
-    # standard error of a mean is ~ sqrt(2 / 20000) = 0.01; 0.05 is five of them
-    torch.testing.assert_close(refit.means, means, atol=0.05, rtol=0)
-    torch.testing.assert_close(refit.covs, covs, atol=0.08, rtol=0)
-    x2, _ = stats.sample(20000, torch.Generator().manual_seed(3))
-    assert torch.equal(x, x2)
-    x3, y3 = stats.sample(4, torch.Generator().manual_seed(3), classes=[1])
-    assert x3.shape == (4, 2) and y3.tolist() == [1, 1, 1, 1]
-
-
-def test_class_gaussians_ema_update() -> None:
-    stats = ClassGaussians(torch.zeros(2, 2), torch.stack([torch.eye(2), torch.eye(2)]))
-    new_means = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
-    new_covs = torch.stack([3 * torch.eye(2), 3 * torch.eye(2)])
-    stats.ema_update_(new_means, new_covs, decay=0.9, mask=torch.tensor([True, False]))
-    # class 0: 0.9 * 0 + 0.1 * 10 = 1; cov 0.9 * 1 + 0.1 * 3 = 1.2 on the diagonal; class 1 masked out
-    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
-    torch.testing.assert_close(stats.covs[0], 1.2 * torch.eye(2))
-    torch.testing.assert_close(stats.covs[1], torch.eye(2))
-    stats.ema_update_(new_means, new_covs, decay=0.0)  # decay 0 replaces everything
-    torch.testing.assert_close(stats.means, new_means)
 
 
 # ---------------------------------------------------------------- FDC

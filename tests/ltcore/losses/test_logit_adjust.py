@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ltcore.losses.logit_adjust import LogitAdjustedLoss, posthoc_logit_adjust
+from ltcore.losses.logit_adjust import LogitAdjustedLoss
 
 # counts [1, 3] -> pi = [1/4, 3/4]
 
@@ -43,33 +43,10 @@ def test_gradient_finite() -> None:
     assert z.grad.abs().sum() > 0
 
 
-def test_posthoc_values() -> None:
-    # [0, 0] - log [1/4, 3/4] = [ln 4, ln 4/3] = [1.3862944, 0.2876821]
-    out = posthoc_logit_adjust(torch.zeros(1, 2), [1, 3])
-    torch.testing.assert_close(out, torch.tensor([[1.3862944, 0.2876821]]))
-    # tau 2 doubles the shift: [2 ln 4, 2 ln 4/3]
-    out = posthoc_logit_adjust(torch.zeros(1, 2), [1, 3], tau=2.0)
-    torch.testing.assert_close(out, torch.tensor([[2.7725887, 0.5753641]]))
-
-
-def test_posthoc_flips_prediction_to_rare_class() -> None:
-    # raw [0, 0.5] predicts the head class 1; adjusted [1.386, 0.5 + 0.288 = 0.788] predicts the rare class 0
-    z = torch.tensor([[0.0, 0.5]])
-    assert z.argmax(1).item() == 1
-    assert posthoc_logit_adjust(z, [1, 3]).argmax(1).item() == 0
-
-
-def test_posthoc_tau_zero_is_identity() -> None:
-    z = torch.tensor([[0.3, -1.2, 2.0]])
-    torch.testing.assert_close(posthoc_logit_adjust(z, [5, 1, 2], tau=0.0), z)
-
-
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="tau"):
         LogitAdjustedLoss([1, 2], tau=float("nan"))
     with pytest.raises(ValueError, match=r"class_counts\[0\].*>= 1 training sample"):
         LogitAdjustedLoss([0, 2])
-    with pytest.raises(ValueError, match="3 classes"):
-        posthoc_logit_adjust(torch.zeros(1, 3), [1, 2])
     with pytest.raises(ValueError, match="3 classes"):
         LogitAdjustedLoss([1, 2])(torch.zeros(1, 3), torch.tensor([0]))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from ltcore.methods.icc import e_step_loss, fit_class_gaussians, m_step
+from ltcore.methods.icc import ClassGaussians, e_step_loss, fit_class_gaussians, m_step
 
 
 def _blobs(per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,3 +110,60 @@ def test_e_step_loss_zero_fdc_weight_is_gce_and_gradients_flow() -> None:
     loss, _ = e_step_loss(feats, LOGITS, LABELS, MEANS, COVS, fdc_weight=1.0)
     loss.backward()
     assert feats.grad is not None and feats.grad[0, 0] > 0
+
+
+def test_class_gaussians_fit_hand_values() -> None:
+    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
+    stats = ClassGaussians.fit(feats, torch.tensor([0, 0, 1]), num_classes=2, shrinkage=0.01)
+    # class 0: mean (1, 0); centred (-1, 0), (1, 0): unbiased cov [[2, 0], [0, 0]] / (2 - 1), + 0.01 I
+    # class 1: one sample, mean (1, 3), covariance 0.01 I only
+    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [1.0, 3.0]]))
+    torch.testing.assert_close(stats.covs[0], torch.tensor([[2.01, 0.0], [0.0, 0.01]]))
+    torch.testing.assert_close(stats.covs[1], 0.01 * torch.eye(2))
+    assert stats.counts.tolist() == [2, 1]
+
+
+def test_class_gaussians_missing_class() -> None:
+    feats, labels = torch.zeros(2, 2), torch.tensor([0, 0])
+    with pytest.raises(ValueError, match=r"classes \[1, 2\]"):
+        ClassGaussians.fit(feats, labels, num_classes=3)
+    stats = ClassGaussians.fit(feats, labels, num_classes=3, allow_missing=True)
+    assert stats.counts.tolist() == [2, 0, 0]
+    torch.testing.assert_close(stats.covs[2], 0.01 * torch.eye(2))
+
+
+def test_class_gaussians_bad_input() -> None:
+    with pytest.raises(ValueError, match="labels"):
+        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 5]), num_classes=2)
+    with pytest.raises(ValueError, match="shrinkage"):
+        ClassGaussians.fit(torch.zeros(2, 2), torch.tensor([0, 1]), num_classes=2, shrinkage=0.0)
+
+
+def test_class_gaussians_sample_moments_and_determinism() -> None:
+    means = torch.tensor([[0.0, 0.0], [5.0, -1.0]])
+    covs = torch.stack([torch.tensor([[2.0, 0.6], [0.6, 1.0]]), 0.25 * torch.eye(2)])
+    stats = ClassGaussians(means, covs)
+    x, y = stats.sample(20000, torch.Generator().manual_seed(3))
+    assert x.shape == (40000, 2) and y.tolist()[:1] == [0] and y.tolist()[-1:] == [1]
+    assert torch.equal(torch.bincount(y), torch.tensor([20000, 20000]))
+    refit = ClassGaussians.fit(x, y, num_classes=2, shrinkage=1e-12)
+    # standard error of a mean is ~ sqrt(2 / 20000) = 0.01; 0.05 is five of them
+    torch.testing.assert_close(refit.means, means, atol=0.05, rtol=0)
+    torch.testing.assert_close(refit.covs, covs, atol=0.08, rtol=0)
+    x2, _ = stats.sample(20000, torch.Generator().manual_seed(3))
+    assert torch.equal(x, x2)
+    x3, y3 = stats.sample(4, torch.Generator().manual_seed(3), classes=[1])
+    assert x3.shape == (4, 2) and y3.tolist() == [1, 1, 1, 1]
+
+
+def test_class_gaussians_ema_update() -> None:
+    stats = ClassGaussians(torch.zeros(2, 2), torch.stack([torch.eye(2), torch.eye(2)]))
+    new_means = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    new_covs = torch.stack([3 * torch.eye(2), 3 * torch.eye(2)])
+    stats.ema_update_(new_means, new_covs, decay=0.9, mask=torch.tensor([True, False]))
+    # class 0: 0.9 * 0 + 0.1 * 10 = 1; cov 0.9 * 1 + 0.1 * 3 = 1.2 on the diagonal; class 1 masked out
+    torch.testing.assert_close(stats.means, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(stats.covs[0], 1.2 * torch.eye(2))
+    torch.testing.assert_close(stats.covs[1], torch.eye(2))
+    stats.ema_update_(new_means, new_covs, decay=0.0)  # decay 0 replaces everything
+    torch.testing.assert_close(stats.means, new_means)

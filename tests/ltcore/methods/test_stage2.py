@@ -222,3 +222,31 @@ def test_drs_beats_instance_sampled_fine_tuning_on_a_long_tail() -> None:
     bal_drs, bal_plain = _balanced_accuracy(drs, xte, yte), _balanced_accuracy(plain, xte, yte)
     # measured: 0.91 class-balanced vs 0.82 instance-sampled; seeds 0-4 alike
     assert bal_drs > 0.88 and bal_drs > bal_plain + 0.05, (bal_drs, bal_plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# post-hoc logit adjustment (Menon et al., ICLR 2021): argmax_y z_y - tau * log pi_y, folded into the bias
+
+
+def test_posthoc_la_bias_values() -> None:
+    # counts [1, 3] -> pi = [1/4, 3/4]; bias 0 - log pi = [ln 4, ln 4/3] = [1.3862944, 0.2876821]
+    x = torch.zeros(1, 2)
+    res = calibrate("posthoc_la", _eye_head(), x, torch.tensor([0]), x, torch.tensor([0]), [1, 3])
+    torch.testing.assert_close(res.head.bias.detach(), torch.tensor([1.3862944, 0.2876821]))
+    torch.testing.assert_close(res.head.weight.detach(), torch.eye(2))  # only the bias moves
+    assert res.info["tau"] == 1.0
+    # tau 2 doubles the shift: [2 ln 4, 2 ln 4/3]
+    res = calibrate("posthoc_la", _eye_head(), x, torch.tensor([0]), x, torch.tensor([0]), [1, 3], la_tau=2.0)
+    torch.testing.assert_close(res.head.bias.detach(), torch.tensor([2.7725887, 0.5753641]))
+
+
+def test_posthoc_la_flips_prediction_to_rare_class_and_tau_zero_is_identity() -> None:
+    # features [0, 0.5] through the identity head predict the head class 1; adjusted [1.386, 0.788] the rare class 0
+    x = torch.tensor([[0.0, 0.5]])
+    head = _eye_head()
+    assert int(head(x).argmax(1)) == 1
+    res = calibrate("posthoc_la", head, x, torch.tensor([0]), x, torch.tensor([0]), [1, 3])
+    assert int(res.head(x).argmax(1)) == 0
+    assert torch.equal(head.bias.detach(), torch.zeros(2))  # the stage-1 head is copied, not changed
+    same = calibrate("posthoc_la", head, x, torch.tensor([0]), x, torch.tensor([0]), [1, 3], la_tau=0.0)
+    torch.testing.assert_close(same.head(x), head(x))
