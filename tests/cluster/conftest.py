@@ -138,14 +138,19 @@ def two_node_cluster(s3_server: dict[str, str], tmp_path_factory: pytest.TempPat
                 if time.monotonic() > deadline:
                     raise RuntimeError("ray head's dashboard did not come up within 180 s") from None
                 time.sleep(1)
+        while not cluster.nodes():  # the head's raylet registered: a second node joining earlier is refused
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the head node did not register: {(logs / 'head.log').read_text()[-2000:]}")
+            time.sleep(2)
         second = _start([ray_bin(), "start", f"--address=127.0.0.1:{gcs}", "--block", "--num-cpus=1",
                          '--resources={"node_second": 1}', *_node_ports()], env, logs / "second.log")
         procs.append(second)
+        deadline = time.monotonic() + 300  # a raylet start took over 2 minutes on the busy 2-core test machine
         while len(cluster.nodes()) < 2:
             if second.poll() is not None:
                 raise RuntimeError(f"second node exited: {(logs / 'second.log').read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the second node did not join within 180 s: {cluster.nodes()}")
+                raise RuntimeError(f"the second node did not join within 300 s: {cluster.nodes()}")
             time.sleep(2)
         yield cluster
     finally:
