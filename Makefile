@@ -10,12 +10,10 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml docker/install.sh
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, as a range: a cluster image brings its own CUDA build; a pip constraint may cap it locally.
-	$(PY) -m pip install -q "torch>=2.4" "torchvision>=0.19"
-	$(PY) -m pip install -q -e ".[dev]"
+	# the same install script as the cluster image (docker/Dockerfile): one source of truth
+	sh docker/install.sh $(PY) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

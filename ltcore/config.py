@@ -264,6 +264,9 @@ class TrainConfig:
     torch_threads: int = field(default=0, metadata=check(ge(0, "0 = one per worker CPU")))
     # A progress line from the first worker every this many seconds within an epoch (0 = per-epoch lines only).
     progress_every_s: float = field(default=60.0, metadata=check(ge(0, "0 = off")))
+    # How Ray places the workers' bundles (Ray's placement-group strategies): PACK fills a node first, SPREAD
+    # prefers different nodes, STRICT_SPREAD needs one node per worker (fails to start with fewer nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,10 @@ class StorageConfig:
     s3_access_key: str = field(default="", metadata={"secret": True})
     s3_secret_key: str = field(default="", metadata={"secret": True})
     s3_region: str = ""
+    # Local paths that every node of the cluster mounts at the same place (NFS, EFS, a Kubernetes volume). On a
+    # cluster of more than one node, local train.storage / data.output / dataset paths must lie under one of
+    # these (or be object-store URIs): anything else is one node's disk, and the run is refused before training.
+    shared_paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from ltcore.engine.worker import (
     make_model,
     model_meta,
     predict_shard,
+    report_resumed,
     save_and_report,
     set_threads,
     to_device,
@@ -127,8 +128,7 @@ def _stage1_setup(loop_config: dict[str, Any]) -> _Stage1 | None:
         extra.load_state_dict(state["extra"])
         if state["epoch"] + 1 >= cfg.stage1.epochs:
             log(f"[stage1] already complete ({cfg.stage1.epochs} epochs); re-reporting its final checkpoint")
-            ray.train.report({"epoch": state["epoch"], "resumed": True},
-                             checkpoint=restored if dist.is_main() else None)
+            report_resumed({"epoch": state["epoch"]}, restored)
             return None
         log(f"[stage1] resuming from epoch {state['epoch'] + 1} (checkpoint {restored.path})")
 
@@ -215,7 +215,7 @@ def stage2_loop(loop_config: dict[str, Any]) -> None:
     if restored is not None:
         # Stage 2 reports once, at its end: a checkpoint here means it already finished.
         log("[stage2] already complete; re-reporting its result")
-        ray.train.report({"resumed": True}, checkpoint=restored if dist.is_main() else None)
+        report_resumed({}, restored)
         return
     classes, counts = list(loop_config["classes"]), list(loop_config["train_counts"])
     device = ray.train.torch.get_device()

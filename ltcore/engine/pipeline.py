@@ -22,6 +22,7 @@ from ltcore.data.manifest import Manifest, verify_shards
 from ltcore.data.sources import EMBEDDED_CLASSES
 from ltcore.engine import checkpoint as ckpt
 from ltcore.engine import runs
+from ltcore.engine.placement import check_shared_storage
 from ltcore.eval.metrics import compute_metrics
 from ltcore.eval.plots import plot_confusion, plot_recall_vs_count
 from ltcore.eval.report import metrics_table, write_report
@@ -153,6 +154,7 @@ def run_two_stage(cfg: Config, *, log: Any = None, start_cluster: Callable[[], N
     run, manifest_uri, manifest = open_checked_run(cfg, log=log)
     if start_cluster is not None:
         start_cluster()
+    check_shared_storage(cfg)  # a run that spans nodes needs storage every node reaches
     runs.record_run(run, cfg, manifest_uri, manifest.hash)
     stages, timings = train_stages(cfg, run, manifest_uri, manifest)
     timings["total_s"] = time.perf_counter() - t_start

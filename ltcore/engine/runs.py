@@ -44,6 +44,7 @@ RESUMABLE_KEYS = (
     "train.eval_batch_size",
     "train.torch_threads",
     "train.progress_every_s",
+    "train.placement_strategy",
 )
 # Compared through the dataset version's hash instead (the same content may live at another URI).
 _LOCATION_PREFIXES = ("dataset", "data.output", "data.source.table", "data.source.image_root", "storage.")

@@ -77,7 +77,8 @@ def scaling(cfg: Config) -> ray.train.ScalingConfig:
     resources = {"CPU": cfg.train.cpus_per_worker}
     if gpu:
         resources["GPU"] = 1
-    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu, resources_per_worker=resources)
+    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu, resources_per_worker=resources,
+                                   placement_strategy=cfg.train.placement_strategy)
 
 
 def run_config(cfg: Config, run_uri: str, name: str) -> ray.train.RunConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -252,6 +254,19 @@ def load_stage1_model(cfg: Config, classes: list[str], counts: list[int], stage1
     return load_model(cfg, classes, counts, state, meta)
 
 
+def worker_placement() -> dict[str, Any]:
+    """This worker's rank and where it runs; every report lists all workers' (``workers``: which nodes trained)."""
+    ctx = ray.train.get_context()
+    return {"rank": ctx.get_world_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(), "hostname": socket.gethostname()}
+
+
+def report_resumed(metrics: dict[str, Any], checkpoint: ray.train.Checkpoint) -> None:
+    """Report a finished stage's checkpoint again (a rerun of a complete run); every rank must call it."""
+    ray.train.report({**metrics, "resumed": True, "workers": dist.all_gather_object(worker_placement())},
+                     checkpoint=checkpoint if dist.is_main() else None)
+
+
 def save_and_report(metrics: dict[str, Any], state: dict[str, Any] | None, meta: dict[str, Any] | None,
                     predictions: dict[str, np.ndarray] | None = None) -> None:
     """Report one step's metrics with a checkpoint of ``state`` (rank 0; the others pass ``None``), and the final
@@ -263,4 +278,4 @@ def save_and_report(metrics: dict[str, Any], state: dict[str, Any] | None, meta:
             if predictions is not None:
                 np.savez(os.path.join(tmp, ckpt.PRED_FILE), **predictions)  # type: ignore[arg-type]
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report({**metrics, "workers": dist.all_gather_object(worker_placement())}, checkpoint=checkpoint)
