@@ -4,6 +4,9 @@ Every entry script takes ``--config FILE`` and ``section.field=value`` overrides
 wrong type or a value out of range is a one-line :class:`ConfigError` naming the key and what a valid value is
 (``stage1.lr must be > 0, got -0.1``). The resolved config (``to_dict``) is saved with every output.
 
+Why one long module: every section a user can set, with its defaults and its checks, reads in one place; the
+loading machinery is the smaller part.
+
 Range checks are declared next to their fields, as dataclass field metadata
 (``epochs: int = field(default=10, metadata=check(ge(1)))``), and run in one pass whenever a config is built
 (:func:`load_config`, :func:`from_dict`, :func:`replace`); library entry points that take a config section built

@@ -5,6 +5,9 @@ Two front ends over the same sampling (:mod:`ltcore.data.sampling`) and transfor
 - :func:`build_dataset` -> ``ray.data.Dataset`` for Ray Train (``TorchTrainer(datasets={"train": ...})``).
 - :func:`iter_epoch_local` -> torch batches in one process without Ray (tests, evaluation, notebooks).
 
+Why one long module: both front ends share the spec, the shard reading, the per-epoch draws and the decode
+step, and must stay identical; splitting them would put one algorithm in two files.
+
 Per epoch, the Ray pipeline is::
 
     from_items(shard URIs)

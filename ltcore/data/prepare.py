@@ -19,6 +19,8 @@ Shards are planned on the driver (``rows_per_shard`` per file, rows in a seeded 
 version's shard files and their contents are the same on every run and every storage backend, and every shard is
 a random sample of its split: ids often encode the class (ImageFolder ``class/file``), and the ingest shuffles
 within shards and a few blocks, so id-ordered shards would give single-class batches.
+
+Why one module of ~400 lines: the driver's plan and the shard task it ships to Ray Data are one algorithm.
 """
 
 from __future__ import annotations

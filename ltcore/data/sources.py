@@ -16,6 +16,9 @@ values, and missing image files (one recursive listing of the image prefix, no p
 by prepare, which decodes them anyway.
 
 Rows come back sorted by id, so the result does not depend on the row order of the table.
+
+Why one long module: the three source kinds share the row checks (labels, ids, groups, images) that make one
+validated table; each kind alone is short.
 """
 
 from __future__ import annotations
