@@ -21,7 +21,7 @@ from ltcore.config import Config, ConfigError, flatten, to_dict
 from ltcore.errors import root_cause
 from ltcore.tune import results
 from ltcore.tune.config import StudyConfig, scheduler_metric, searches_data
-from ltcore.tune.trial import FINAL_KEY
+from ltcore.tune.trial import FINAL_KEY, trial_dirname
 
 STUDY_FILE = "study.yaml"
 TUNE_DIR = "tune"
@@ -54,10 +54,6 @@ def check_resume(study: StudyConfig, base: Config, uri: str) -> bool:
         raise ConfigError(f"study {study.name!r} at {uri} was started with another search: "
                           f"{', '.join(diff[:6])} differ; use another name (name=...) or the recorded {path}")
     return True
-
-
-def trial_dirname(trial: Any) -> str:
-    return str(trial.trial_id)  # the Tune trial folder and the run folder share the trial id
 
 
 def search_space(study: StudyConfig) -> dict[str, Any]:
@@ -140,11 +136,11 @@ class Progress(Callback):
         v = r.get(self.objective.metric)
         if status == results.OK and isinstance(v, float) and (
                 self.best is None or results._better(self.objective, v, self.best[0])):
-            self.best = (v, trial.trial_id)
+            self.best = (v, trial_dirname(trial))
         value = f"{v:.4f}" if isinstance(v, float) else "-"
         at = f" at epoch {int(r.get('epoch', 0)) + 1}" if status == results.STOPPED else ""
         best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
-        self.log(f"trial {trial.trial_id} {status}{at}: {self.objective.metric} {value}; best so far {best}")
+        self.log(f"trial {trial_dirname(trial)} {status}{at}: {self.objective.metric} {value}; best so far {best}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, results.OK if (trial.last_result or {}).get(FINAL_KEY) else results.STOPPED)
@@ -166,7 +162,7 @@ def rows_from(study: StudyConfig, grid: Any) -> list[dict[str, Any]]:
     rows = []
     for res in grid:
         m = dict(res.metrics or {})
-        tid = str(res.path).rstrip("/").rsplit("/", 1)[-1]  # the folder is named by trial id (trial_dirname)
+        tid = str(res.path).rstrip("/").rsplit("/", 1)[-1]  # named by trial_dirname
         row: dict[str, Any] = {"trial": tid, **{s.key: (res.config or {}).get(s.key) for s in study.space}}
         if res.error is not None:
             row["status"], row["error"] = results.ERROR, one_line(res.error)

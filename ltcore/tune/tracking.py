@@ -15,6 +15,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ltcore import storage
+from ltcore.tune.trial import trial_dirname
 
 TRIAL_TAG = "ltcore.trial_id"
 ARTIFACTS = ("report.json", "confusion_matrix.png", "recall_vs_count.png")
@@ -56,7 +57,7 @@ class MlflowTrials(Callback):
         return self._client
 
     def _run_id(self, trial: Any) -> str:
-        tid = trial.trial_id
+        tid = trial_dirname(trial)
         if tid not in self._runs:
             client = self._setup()
             found = client.search_runs([self._experiment_id], filter_string=f"tags.`{TRIAL_TAG}` = '{tid}'",
@@ -90,7 +91,7 @@ class MlflowTrials(Callback):
     def _end(self, trial: Any, status: str) -> None:
         run_id = self._run_id(trial)
         client = self._setup()
-        run_uri = storage.join(self.study_uri, "runs", trial.trial_id)
+        run_uri = storage.join(self.study_uri, "runs", trial_dirname(trial))
         with tempfile.TemporaryDirectory() as tmp:
             for name in ARTIFACTS:
                 src = storage.join(run_uri, name)

@@ -8,6 +8,7 @@ folder ``<study>/runs/<trial_id>/`` (a restarted trial resumes its Ray Train che
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,13 @@ def wait_for_cpus(need: float, timeout_s: float) -> None:
         time.sleep(1.0)
 
 
+def trial_dirname(trial: Any) -> str:
+    """``trial_<n>_<id>``: Tune's trial folder and the trial's run folder share this name; ``n`` (the order the
+    trials were created in) sorts the table, since Tune's trial ids are random."""
+    n = str(trial.experiment_tag or "0").split("_", 1)[0]
+    return f"trial_{int(n) if n.isdigit() else 0:03d}_{trial.trial_id}"
+
+
 def trial_run_config(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> Config:
     return trial_config(from_dict(setup.base), params, storage=setup.study_uri, run_id=trial_id,
                         dataset=setup.dataset)
@@ -81,7 +89,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ltcore.engine.pipeline import finish_run, open_checked_run, train_stages
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # many trials' bars would interleave
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = os.path.basename(ray.tune.get_context().get_trial_dir().rstrip("/"))  # trial_dirname
     cfg = trial_run_config(setup, params, trial_id)
     storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
                                              cfg.storage.s3_secret_key, cfg.storage.s3_region))
