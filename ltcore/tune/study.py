@@ -48,7 +48,9 @@ def check_resume(study: StudyConfig, base: Config, uri: str) -> bool:
         return False
     recorded = yaml.safe_load(storage.read_text(path)) or {}
     old, new = flatten(recorded.get("study", {})), flatten(to_dict(study))
-    diff = sorted(k for k in old.keys() | new.keys() if k.startswith(_FIXED_KEYS) and old.get(k) != new.get(k))
+    # compared as YAML text: unset bounds are NaN, which never equals itself
+    diff = sorted(k for k in old.keys() | new.keys()
+                  if k.startswith(_FIXED_KEYS) and yaml.safe_dump(old.get(k)) != yaml.safe_dump(new.get(k)))
     diff += [f"run.{k}" for k in config_differences(recorded.get("run", {}), base)]
     if diff:
         raise ConfigError(f"study {study.name!r} at {uri} was started with another search: "
