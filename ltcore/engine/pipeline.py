@@ -182,16 +182,19 @@ def open_checked_run(cfg: Config, *, log: Any = None) -> tuple[runs.Run, str, Ma
     return run, manifest_uri, manifest
 
 
-def train_stages(cfg: Config, run: runs.Run, manifest_uri: str,
-                 manifest: Manifest) -> tuple[dict[str, Any], dict[str, float]]:
-    """Stage 1, then stage 2 on its final checkpoint; each stage's report section and the timings."""
+def train_stages(cfg: Config, run: runs.Run, manifest_uri: str, manifest: Manifest,
+                 callbacks: Sequence[Any] = ()) -> tuple[dict[str, Any], dict[str, float]]:
+    """Stage 1, then stage 2 on its final checkpoint; each stage's report section and the timings.
+
+    ``callbacks``: Ray Train callbacks for both stages' runs (a study forwards each report to Ray Tune).
+    """
     from ltcore.engine.trainer import run_stage1, run_stage2
 
     stages: dict[str, Any] = {}
     timings: dict[str, float] = {}
     t = time.perf_counter()
     try:
-        r1 = run_stage1(cfg, manifest_uri, manifest, run.uri)
+        r1 = run_stage1(cfg, manifest_uri, manifest, run.uri, callbacks=callbacks)
         stages["stage1"] = stage_report(cfg, r1, manifest)
     except Exception as e:
         raise runs.fail(cfg, run, "stage 1", e) from e
@@ -200,7 +203,7 @@ def train_stages(cfg: Config, run: runs.Run, manifest_uri: str,
         t = time.perf_counter()
         assert r1.checkpoint is not None
         try:
-            r2 = run_stage2(cfg, manifest_uri, manifest, run.uri, r1.checkpoint)
+            r2 = run_stage2(cfg, manifest_uri, manifest, run.uri, r1.checkpoint, callbacks=callbacks)
             stages["stage2"] = stage_report(cfg, r2, manifest)
         except Exception as e:
             raise runs.fail(cfg, run, "stage 2", e) from e

@@ -8,7 +8,9 @@ re-running a run id continues it instead of starting over.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -152,12 +154,13 @@ def _loop_config(cfg: Config, manifest: Manifest) -> dict[str, Any]:
 
 
 def _fit(loop: Any, loop_config: dict[str, Any], cfg: Config, run_uri: str, name: str, datasets: dict[str, Any],
-         exact: tuple[str, ...]) -> ray.train.Result:
+         exact: tuple[str, ...], callbacks: Sequence[Any] = ()) -> ray.train.Result:
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=scaling(cfg),
-        run_config=run_config(cfg, run_uri, name),
+        # callbacks: Ray Train callbacks, e.g. a study's forwarding of each epoch's metrics to Ray Tune
+        run_config=dataclasses.replace(run_config(cfg, run_uri, name), callbacks=list(callbacks)),
         datasets=datasets,
         dataset_config=ShardConfig(exact=exact),
         torch_config=TorchConfig(backend="nccl" if use_gpu(cfg) else "gloo"),
@@ -165,21 +168,22 @@ def _fit(loop: Any, loop_config: dict[str, Any], cfg: Config, run_uri: str, name
     return trainer.fit()
 
 
-def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str) -> ray.train.Result:
+def run_stage1(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
+               callbacks: Sequence[Any] = ()) -> ray.train.Result:
     """Stage 1 as a Ray Train run."""
     clock = EpochClock()  # the workers set it each epoch; the ingest tasks read it (per-epoch re-draws)
     loop_config = _loop_config(cfg, manifest)
     loop_config["epoch_clock"] = clock
     return _fit(stage1_loop, loop_config, cfg, run_uri, "stage1", stage1_datasets(cfg, manifest_uri, manifest, clock),
-                exact=("val", "test"))
+                exact=("val", "test"), callbacks=callbacks)
 
 
 def run_stage2(cfg: Config, manifest_uri: str, manifest: Manifest, run_uri: str,
-               stage1_checkpoint: ray.train.Checkpoint) -> ray.train.Result:
+               stage1_checkpoint: ray.train.Checkpoint, callbacks: Sequence[Any] = ()) -> ray.train.Result:
     clock = EpochClock()
     loop_config = _loop_config(cfg, manifest)
     loop_config["stage1_checkpoint"] = stage1_checkpoint
     loop_config["stage1_id"] = read_meta(stage1_checkpoint).get("checkpoint_id")
     loop_config["epoch_clock"] = clock
     return _fit(stage2_loop, loop_config, cfg, run_uri, "stage2", stage2_datasets(cfg, manifest_uri, manifest, clock),
-                exact=EXACT_SPLITS)
+                exact=EXACT_SPLITS, callbacks=callbacks)

@@ -1,0 +1,60 @@
+"""The study folder without running trials: resume checks, trial folder names, error lines, resource fit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from ltcore.config import ConfigError, to_dict
+from ltcore.engine.runs import RunError
+from ltcore.tune.config import load_study
+from ltcore.tune.study import STUDY_FILE, check_resume, one_line, study_uri
+from ltcore.tune.trial import trial_dirname
+
+REPO = Path(__file__).resolve().parents[3]
+DEMO = str(REPO / "ltcore" / "configs" / "study_demo.yaml")
+
+
+def record(tmp_path: Path, overrides: list[str]) -> tuple:
+    study, base = load_study(DEMO, [f"storage={tmp_path}", *overrides])
+    uri = study_uri(study)
+    Path(uri).mkdir(parents=True)
+    Path(uri, STUDY_FILE).write_text(yaml.safe_dump({"study": to_dict(study), "run": to_dict(base, redact=True)},
+                                                    sort_keys=False))
+    return study, base, uri
+
+
+def test_resume_needs_the_same_search(tmp_path):
+    study, base, uri = record(tmp_path, [])
+    assert check_resume(study, base, uri)  # NaN bounds of choice entries compare equal through YAML
+    more, base2 = load_study(DEMO, [f"storage={tmp_path}", "trials=9", "concurrency=1"])
+    assert check_resume(more, base2, uri)  # how many trials and how many at once may change
+    other, base3 = load_study(DEMO, [f"storage={tmp_path}", "seed=1", "run.stage1.epochs=5"])
+    with pytest.raises(ConfigError, match=r"seed.*run\.stage1\.epochs"):
+        check_resume(other, base3, uri)
+
+
+def test_new_study_is_not_a_resume(tmp_path):
+    study, base = load_study(DEMO, [f"storage={tmp_path}"])
+    assert not check_resume(study, base, study_uri(study))
+
+
+def test_trial_dirname_orders_by_creation():
+    names = [trial_dirname(SimpleNamespace(experiment_tag=f"{n}_stage1.lr=0.1", trial_id=tid))
+             for n, tid in ((10, "0a"), (2, "ff"))]
+    assert names == ["trial_010_0a", "trial_002_ff"] and sorted(names)[0] == "trial_002_ff"
+
+
+def test_one_line_takes_the_innermost_error():
+    inner = ConfigError("stage2.method=crt needs model.head=linear (got 'cosine')")
+    try:
+        try:
+            raise inner
+        except ConfigError as e:
+            raise RuntimeError("Ray wrapper\nwith a traceback") from e
+    except RuntimeError as outer:
+        assert one_line(outer) == "ConfigError: stage2.method=crt needs model.head=linear (got 'cosine')"
+    assert one_line(RunError("run x failed in stage 1: ValueError: y; traceback in z")).startswith("run x failed")
