@@ -12,10 +12,11 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ltcore"
 
-# Ray lives in the engine, the two Ray Data jobs, the Ray start-up module and the entry layer; the core (losses,
-# augment, methods, models, eval, sampling, splits, config, storage) stays importable and testable without it.
+# Ray lives in the engine, the two Ray Data jobs, the Ray start-up module, the entry layer, and the two system
+# layers above the engine whose purpose is Ray (Tune studies; batch prediction on Ray Data in the lifecycle); the
+# core (losses, augment, methods, models, eval, sampling, splits, config, storage) stays importable without it.
 RAY_ALLOWED = ("ltcore.engine.", "ltcore.data.prepare", "ltcore.data.ingest", "ltcore.raystart", "ltcore.cli",
-               "ltcore.entry")
+               "ltcore.entry", "ltcore.tune.", "ltcore.lifecycle.predict")
 
 # The entry layer: argument parsing, one-line errors, console scripts. Nothing in the library imports it.
 ENTRY = ("ltcore.cli", "ltcore.entry")
