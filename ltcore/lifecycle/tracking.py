@@ -149,7 +149,7 @@ def run_metrics(report: Mapping[str, Any]) -> dict[str, float]:
 def _copy_dir(uri: str, dest: str, names: tuple[str, ...] | None = None) -> None:
     """Files of a storage folder (or only ``names``) into a local folder."""
     os.makedirs(dest, exist_ok=True)
-    wanted = names if names is not None else tuple(storage.listdir(uri))
+    wanted = names if names is not None else tuple(u.rstrip("/").rsplit("/", 1)[-1] for u in storage.listdir(uri))
     for name in wanted:
         src = storage.join(uri, name)
         if storage.exists(src):
