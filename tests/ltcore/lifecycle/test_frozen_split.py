@@ -24,7 +24,8 @@ def test_extend_split_keeps_fixed_groups_and_splits_new_ones_by_the_seeded_rule(
     parts = extend_split(labels, groups, FRACTIONS, 3, fixed)
     for s, idx in old.items():
         assert set(idx.tolist()) <= set(parts[s].tolist())  # every old image keeps its split
-    new_rule = group_stratified_split(labels[24:], groups[24:], FRACTIONS, seed=3)  # rows 24..29: the new groups
+    # rows 24..29, the new groups, all of class 1: split by the same rule on their own (class 1 as the only class)
+    new_rule = group_stratified_split(labels[24:] - 1, groups[24:], FRACTIONS, seed=3)
     for s, idx in new_rule.items():
         assert set((idx + 24).tolist()) <= set(parts[s].tolist())
     assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(30))
@@ -79,7 +80,7 @@ def test_predefined_split_column_is_honoured_exactly(ray_session, tmp_path):
     df = pd.DataFrame({"image_id": [r[:-4] for r in rels], "dx": [r.split("/")[0] for r in rels], "split": given})
     df.to_csv(images / "labels.csv", index=False)
     cfg = load_config(None, ["data.source.kind=table", f"data.source.table={images / 'labels.csv'}",
-                             "data.source.path_template={id}.png", "data.source.split_column=split",
+                             "data.source.path_template='{id}.png'", "data.source.split_column=split",
                              "data.name=d5t", f"data.output={tmp_path / 'ds'}", "data.image_size=8"]).data
     uri, _ = prepare_dataset(cfg, progress=False)
     for split in ("train", "val", "test"):
