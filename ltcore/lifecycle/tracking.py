@@ -197,7 +197,7 @@ def log_two_stage(c: Any, cfg: Config, report_uri: str, *, extra_tags: Mapping[s
 
 # Keys that do not change what is trained: where it runs and logs, and how it is gated.
 _UNTRAINED_PREFIXES = ("dataset", "data.output", "data.source.table", "data.source.image_root", "storage.",
-                       "tracking.", "retrain.")
+                       "train.storage", "tracking.", "retrain.")
 
 
 def training_config_hash(cfg: Config) -> str:
