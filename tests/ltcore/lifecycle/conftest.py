@@ -46,13 +46,17 @@ def retrain_overrides(tmp: Path, images: Path) -> list[str]:
     ]
 
 
-def run_script(script: Path, args: list[str], timeout: float = 420) -> subprocess.CompletedProcess:
+def run_script(script: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:
-    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    """The script's last line: stdout's (results), or stderr's for errors (Ray's own log lines go to stderr too)."""
+    if proc.returncode in (1, 2):
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    else:
+        lines = proc.stdout.strip().splitlines()
     return lines[-1] if lines else ""
 
 

@@ -16,7 +16,7 @@ from ltcore.lifecycle import gate
 
 from .conftest import COUNTS, REPO, RETRAIN, last_line, retrain_overrides, run_script, write_digits
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
 CONFIG = str(REPO / "pipelines" / "configs" / "retrain_demo.yaml")
 
 
@@ -101,7 +101,7 @@ def _killed_at_alias(tmp: Path, images: Path) -> subprocess.CompletedProcess:
         f"sys.argv = [{str(RETRAIN)!r}, *{args!r}]\n"
         f"runpy.run_path({str(RETRAIN)!r}, run_name='__main__')\n"
     )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=420, cwd=REPO)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO)
 
 
 @pytest.mark.slow
@@ -142,7 +142,7 @@ def test_new_data_kill_between_register_and_alias_and_concurrent_retrains(tmp_pa
     args = ["--config", CONFIG, *retrain_overrides(tmp_path, images), "train.seed=1"]
     procs = [subprocess.Popen([sys.executable, str(RETRAIN), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=REPO, env=env) for _ in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
+    outs = [p.communicate(timeout=900) for p in procs]
     lasts = [o[0].strip().splitlines()[-1] if o[0].strip() else o[1][-500:] for o in outs]
     busy = [s for s in lasts if s.startswith("nothing to do: another retrain holds the registry lock")]
     assert len(busy) == 1, lasts
