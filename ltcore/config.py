@@ -118,6 +118,9 @@ class SourceConfig:
     label_column: str = "dx"  # single label column ...
     label_columns: tuple[str, ...] = ()  # ... or one-hot label columns (ISIC 2019 layout); wins when set
     group_column: str = ""  # patient / lesion id: a group never crosses splits; empty = each image its own group
+    # A predefined split (train / val / test) per row, e.g. a publisher's official test list; rows with an empty
+    # cell are split by the seeded rule. Empty = no such column.
+    split_column: str = ""
     classes: tuple[str, ...] = ()  # class order; empty = sorted label names
     # embedded digits: the sklearn set made long-tailed with this imbalance factor, upscaled to image_size
     embedded_imbalance: float = field(default=20.0, metadata=check(ge(1)))
@@ -295,6 +298,30 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking and model registry (``ltcore.lifecycle``)."""
+
+    # "" = off for two_stage.py (retrain.py then uses the embedded store); "embedded" = a SQLite store at
+    # <train.storage>/mlflow.db (local storage only: SQLite cannot live on object storage); otherwise any MLflow
+    # tracking URI (http://tracking-server:5000 on clusters, sqlite:///path/to/mlflow.db).
+    mlflow_uri: str = ""
+    experiment: str = "ltcore"  # artifacts go to <train.storage>/mlflow-artifacts when the experiment is created
+    model_name: str = ""  # registered model name; "" = data.name
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """The retrain gate: promote the challenger only if it is no worse than the champion on the frozen test split."""
+
+    tolerance_balanced_accuracy: float = 0.0  # promote if bacc >= champion bacc - this
+    tolerance_few_accuracy: float = 0.0  # ... and few-shot accuracy >= champion's - this
+    alias: str = "champion"
+    # A retrain holds a lock on the registry while it runs; a holder that stops renewing it (killed) loses it
+    # after this many seconds, or at once when it ran on this host and its process is gone.
+    lock_ttl_s: float = 600.0
+
+
+@dataclass(frozen=True)
 class Config:
     dataset: str = ""  # manifest URI of a prepared dataset version; empty = prepare `data` first
     data: DataConfig = field(default_factory=DataConfig)
@@ -304,6 +331,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -257,6 +257,17 @@ def write_json(uri: str, obj: Any, s3: S3Options | None = None) -> None:
     write_text(uri, json.dumps(obj, indent=2, sort_keys=True) + "\n", s3)
 
 
+def listdir(uri: str, s3: S3Options | None = None) -> list[str]:
+    """Full URIs of the entries directly under a folder URI (empty if it does not exist)."""
+    fs, path = fsspec_fs(uri, s3)
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    base = uri.rstrip("/")
+    return sorted(join(base, posixpath.basename(str(n).rstrip("/"))) for n in names)
+
+
 def remove(uri: str, recursive: bool = False, s3: S3Options | None = None) -> None:
     fs, path = fsspec_fs(uri, s3)
     if fs.exists(path):

@@ -58,6 +58,7 @@ def prepare_dataset(
     progress: bool = True,
     s3: storage.S3Options | None = None,
     check_classes: Callable[[tuple[str, ...]], None] | None = None,
+    previous: str | None = None,
 ) -> tuple[str, bool]:
     """Prepare (or find up to date) the dataset version described by ``cfg``.
 
@@ -67,6 +68,8 @@ def prepare_dataset(
         s3: S3 endpoint/credentials; default: the process-wide ones (``storage.set_default_s3``, AWS variables).
         check_classes: called with the source's class names as soon as the source is read, before anything is
             written or any cluster work starts; raise to stop (e.g. a config value naming an unknown class).
+        previous: manifest URI of an earlier version of this dataset to extend: groups it holds keep their split
+            (a frozen test set across versions); only new groups are split, by the same seeded rule.
 
     Returns:
         ``(manifest URI, up_to_date)``; ``up_to_date`` is True when the version already existed and nothing was
@@ -92,8 +95,14 @@ def prepare_dataset(
     table = _subsample(cfg, table, say)
 
     fractions = {"train": cfg.split.train, "val": cfg.split.val, "test": cfg.split.test}
-    parts = splits.group_stratified_split(table.labels, table.groups, fractions, cfg.seed,
-                                          num_classes=len(table.classes), class_names=table.classes)
+    fixed = fixed_splits(cfg, table, previous, s3)
+    if fixed:
+        parts = splits.extend_split(table.labels, table.groups, fractions, cfg.seed, fixed,
+                                    num_classes=len(table.classes), class_names=table.classes)
+        say(f"prepare: {len(fixed)} group(s) keep a fixed split (previous version / data.source.split_column)")
+    else:
+        parts = splits.group_stratified_split(table.labels, table.groups, fractions, cfg.seed,
+                                              num_classes=len(table.classes), class_names=table.classes)
     split_of = np.empty(len(table), dtype=object)
     for s, idx in parts.items():
         split_of[idx] = s
@@ -138,6 +147,44 @@ def prepare_dataset(
 
 # ---------------------------------------------------------------------------------------------------------------
 # driver side
+
+
+def fixed_splits(cfg: DataConfig, table: SourceTable, previous: str | None,
+                 s3: storage.S3Options | None = None) -> dict[str, str]:
+    """Group -> split for the groups whose split is given: by ``source.split_column`` (non-empty cells), else by the
+    ``previous`` dataset version (its shards' ``group`` column, read without the images).
+
+    Raises:
+        ValueError: a split column on a non-table source, an unknown split name, a group given two splits, or a
+            previous version of another class list.
+    """
+    fixed: dict[str, str] = {}
+    if cfg.source.split_column:
+        if cfg.source.kind != "table":
+            raise ValueError("data.source.split_column needs data.source.kind=table")
+        names = ("train", "val", "test")
+        for id_, group, split in zip(table.ids, table.groups, table.splits):
+            if not split:
+                continue
+            if split not in names:
+                raise ValueError(f"{cfg.source.split_column!r} of id {id_!r} is {split!r}; use one of "
+                                 f"{', '.join(names)} or leave it empty")
+            if fixed.setdefault(group, split) != split:
+                raise ValueError(f"group {group!r} is in split {fixed[group]!r} and {split!r} "
+                                 f"({cfg.source.split_column!r} of id {id_!r}): a group must stay in one split")
+    if previous:
+        import pyarrow.parquet as pq
+
+        old = Manifest.load(previous, s3)
+        if tuple(old.classes) != tuple(table.classes):
+            raise ValueError(f"previous dataset version {previous!r} has classes {list(old.classes)}, the source "
+                             f"has {list(table.classes)}: it cannot be extended; prepare without it")
+        for split, uris in old.shards.items():
+            for uri in uris:
+                fs, path = storage.arrow_fs(uri, s3)
+                for group in pq.read_table(path, columns=["group"], filesystem=fs).column("group").to_pylist():
+                    fixed.setdefault(str(group), split)  # a split column wins over the previous version
+    return fixed
 
 
 def _check_class_sizes(cfg: DataConfig, table: SourceTable) -> None:

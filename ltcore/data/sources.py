@@ -60,6 +60,7 @@ class SourceTable:
     skipped: tuple[dict[str, str], ...] = ()  # rows dropped under on_bad=skip: {"id", "reason"}
     group_column: str = ""
     image_format: Literal["JPEG", "PNG"] = "JPEG"  # how prepare re-encodes: JPEG for photos, PNG for digits
+    splits: tuple[str, ...] = ()  # (N,) predefined split per row (source.split_column; "" = not given); or empty
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -91,6 +92,7 @@ class SourceTable:
             paths=tuple(self.paths[i] for i in idx) if self.paths else (),
             images=tuple(self.images[i] for i in idx) if self.images else (),
             infos=tuple(self.infos[i] for i in idx) if self.infos else (),
+            splits=tuple(self.splits[i] for i in idx) if self.splits else (),
         )
 
 
@@ -208,6 +210,8 @@ def _load_table(source: SourceConfig, *, on_bad: OnBad, s3: storage.S3Options | 
         needed[source.label_column] = "data.source.label_column"
     if source.group_column:
         needed[source.group_column] = "data.source.group_column"
+    if source.split_column:
+        needed[source.split_column] = "data.source.split_column"
     fields = [f for f in _template_fields(source.path_template) if f != "id"]
     needed.update({f: "used in data.source.path_template" for f in fields})
     _check_columns(df, needed, where)
@@ -304,6 +308,7 @@ def _load_table(source: SourceConfig, *, on_bad: OnBad, s3: storage.S3Options | 
         infos=tuple(listing[full[i]] for i in keep),
         skipped=tuple(bad.skipped),
         group_column=source.group_column,
+        splits=tuple(_text(df[source.split_column].iloc[i]) for i in keep) if source.split_column else (),
     )
 
 

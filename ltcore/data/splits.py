@@ -237,3 +237,53 @@ def group_stratified_split(
             raise ValueError(f"class {names[c]!r} has no training images after the group split ({img_counts[c]} "
                              f"image(s) in {n_grp} group(s)); add images, raise the train fraction, or drop the class")
     return {s: np.flatnonzero(img_split == i).astype(np.int64) for i, s in enumerate(split_names)}
+
+
+def extend_split(
+    labels: Sequence[int] | np.ndarray,
+    groups: Sequence[object] | np.ndarray,
+    fractions: Mapping[str, float],
+    seed: int,
+    fixed: Mapping[str, str],
+    *,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    train_split: str = "train",
+) -> dict[str, np.ndarray]:
+    """Like :func:`group_stratified_split`, but groups in ``fixed`` (group -> split name) keep that split; only the
+    other groups are split, by :func:`group_stratified_split`'s seeded rule applied to them alone.
+
+    This freezes a test set across dataset versions (``fixed`` = the previous version's assignment) and honours a
+    publisher's predefined split (``fixed`` = the split column). Returns split name -> ``(n_split,)`` int64 indices,
+    sorted ascending; every index in exactly one split.
+
+    Raises:
+        ValueError: a fixed split name not in ``fractions``; bad fractions; a class without training images.
+
+    >>> parts = extend_split([0, 0, 1, 1], ["a", "b", "c", "d"], {"train": 0.5, "test": 0.5}, 0, {"a": "test"})
+    >>> parts["test"].tolist()[0], 0 in parts["train"].tolist()
+    (0, False)
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    g = np.asarray(groups)
+    _check_fractions(fractions, train_split)
+    unknown = sorted({str(s) for s in fixed.values() if s not in fractions})
+    if unknown:
+        raise ValueError(f"predefined split {unknown[0]!r} is not one of {', '.join(fractions)}")
+    c_total = int(num_classes) if num_classes is not None else (int(y.max()) + 1 if y.size else 0)
+    names = list(class_names) if class_names is not None else [str(c) for c in range(c_total)]
+    split_of = np.array([fixed.get(str(k), "") for k in g.tolist()], dtype=object)
+    new = np.flatnonzero(split_of == "")
+    if new.size:
+        present = np.unique(y[new])  # the new rows may hold only some classes: split them among themselves
+        remap = np.searchsorted(present, y[new])
+        parts = group_stratified_split(remap, g[new], fractions, seed, num_classes=present.size,
+                                       class_names=[names[c] for c in present], train_split=train_split)
+        for s, idx in parts.items():
+            split_of[new[idx]] = s
+    train_counts = np.bincount(y[split_of == train_split], minlength=c_total)
+    for c in range(c_total):
+        if train_counts[c] == 0:
+            raise ValueError(f"class {names[c]!r} has no training images with the fixed splits; add training images "
+                             "of it or drop the class")
+    return {s: np.flatnonzero(split_of == s).astype(np.int64) for s in fractions}

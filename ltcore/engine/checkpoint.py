@@ -1,5 +1,8 @@
 """Checkpoint <-> state dict. One file, ``state.pt``, plus ``meta.json`` that says what made it.
 
+Checkpoints come from shared storage, so loading never unpickles arbitrary objects: ``torch.load(weights_only=True)``
+(tensors, containers and plain numbers only). :func:`save_dir` turns NumPy values into those before saving.
+
 ``meta`` holds what must match for a checkpoint to be loaded into a model: backbone, class list, head, and
 feature dim. Loading a checkpoint made under another config is a one-line error naming the field, not a
 shape mismatch deep inside torch.
@@ -30,16 +33,31 @@ class CheckpointError(ValueError):
 def save_dir(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
     """Write ``state.pt`` and ``meta.json`` into a local directory (Ray uploads it)."""
     os.makedirs(directory, exist_ok=True)
-    torch.save(state, os.path.join(directory, STATE_FILE))
+    torch.save(plain(state), os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars as Python numbers and NumPy arrays as tensors: what ``weights_only`` loads."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def load_dir(directory: str, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     path = os.path.join(directory, STATE_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{directory!r} holds no {STATE_FILE}; is it an ltcore checkpoint?")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = torch.load(path, map_location=map_location, weights_only=True)
     with open(os.path.join(directory, META_FILE)) as f:
         meta = json.load(f)
     return state, meta
@@ -50,7 +68,7 @@ def load_uri(uri: str, map_location: str | torch.device = "cpu") -> tuple[dict[s
     import io
 
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, STATE_FILE))), map_location=map_location,
-                       weights_only=False)
+                       weights_only=True)
     meta = storage.read_json(storage.join(uri, META_FILE))
     return state, meta
 

@@ -160,6 +160,10 @@ def run_two_stage(cfg: Config, *, log: Any = None, start_cluster: Callable[[], N
     timings["total_s"] = time.perf_counter() - t_start
     uri, table = finish_run(cfg, run, manifest_uri, manifest, stages, timings)
     log(table)
+    if cfg.tracking.mlflow_uri:  # MLflow tracking (off by default): params, metrics, report, plots, checkpoint
+        from ltcore.lifecycle.tracking import log_if_enabled
+
+        log_if_enabled(cfg, uri, log=log)
     return uri
 
 

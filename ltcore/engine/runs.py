@@ -47,7 +47,8 @@ RESUMABLE_KEYS = (
     "train.placement_strategy",
 )
 # Compared through the dataset version's hash instead (the same content may live at another URI).
-_LOCATION_PREFIXES = ("dataset", "data.output", "data.source.table", "data.source.image_root", "storage.")
+_LOCATION_PREFIXES = ("dataset", "data.output", "data.source.table", "data.source.image_root", "storage.",
+                      "tracking.", "retrain.")  # (and how a run is logged and gated: not what it trains)
 
 
 class RunError(RuntimeError):
