@@ -1,39 +1,6 @@
-"""Scheduled retraining behind a tail-aware gate: newest data -> two-stage job -> model version -> champion alias.
+"""Scheduled retraining behind a tail-aware gate (``ltcore-retrain``): see :mod:`ltcore.entry.retrain`."""
 
-    python pipelines/retrain.py --config ltcore/configs/retrain_demo.yaml [key=value ...]
-    ray job submit --working-dir . -- python pipelines/retrain.py --config ltcore/configs/retrain_ham10000.yaml
-
-Prepares the newest data (extending the champion's dataset version: its test images stay test); if neither the
-data nor the training config changed since the champion, says so and stops; otherwise trains, registers the model
-in MLflow's model registry, evaluates challenger and champion on the same test split and moves the alias
-(``retrain.alias``, default ``champion``) only if balanced accuracy and few-shot accuracy are no worse than the
-champion's minus ``retrain.tolerance_*``. Registry: ``tracking.mlflow_uri`` (default: SQLite at
-``<train.storage>/mlflow.db``).
-
-Last line and exit status: ``promoted: ...`` (0), ``nothing to do: ...`` (0), ``kept champion: ...`` (3),
-``error: ...`` (1 failed; 2 bad input, before any cluster work).
-"""
-
-from __future__ import annotations
-
-from ltcore import cli
-
-
-def main() -> int:
-    p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--smoke-test", action="store_true", help="run the config tiny (1 short epoch per stage)")
-    args = p.parse_args()
-    cfg = cli.load(args.config, args.overrides, smoke=args.smoke_test)
-
-    from ltcore import storage
-    from ltcore.lifecycle.retrain import retrain
-
-    storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
-                                             cfg.storage.s3_secret_key, cfg.storage.s3_region))
-    result = retrain(cfg, start_cluster=cli.init_ray)
-    print(result.last_line, flush=True)
-    return result.exit_code
-
+from ltcore.entry.retrain import run
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run()
