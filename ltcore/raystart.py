@@ -8,6 +8,7 @@ Ray is imported inside the function: importing this module costs nothing.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -37,7 +38,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         start_local(num_cpus=num_cpus, **quiet)
     logging.getLogger("ray").setLevel(level)
     _quiet_ray_data_console(level)
-    # Ray Data's progress: bars on a terminal; otherwise log lines at INFO, which the level above keeps quiet.
+    # Ray Data's progress bars only on a terminal (Ray workers would otherwise draw them into the driver's log).
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
 
 # A local Ray's processes must find their own cluster when they look one up without an address: Ray Train's

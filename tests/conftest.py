@@ -32,18 +32,64 @@ def ham10000_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray (2 CPUs) shared by every Ray test; started on first use."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        # address="local": never join a cluster some earlier `ray start` left recorded on this machine.
-        from ltcore.raystart import start_local
+    """One Ray (2 CPUs) shared by every Ray test; started on first use.
 
-        # A temp root of its own: other Ray heads that tests start (`ray start`) never answer for this one.
-        start_local(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    A `ray start --head` of its own with free ports and its own temp root, joined with ``ray.init``: a local
+    ``ray.init`` would take Ray's fixed default ports (the dashboard agent's 52365), and the entry scripts that
+    tests run in subprocesses start local Rays of their own while this one is up; the temp root keeps other Ray
+    heads on the machine from answering for this one (see ``ltcore.raystart``).
+    """
+    ray = pytest.importorskip("ray")
+    head = None
+    if not ray.is_initialized():
+        import secrets
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix="ltray-", dir="/tmp")
+        gcs, agent_http, agent_grpc, metrics, rt_agent = (_free_port() for _ in range(5))
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        env = {**os.environ, "RAY_TMPDIR": root, "OMP_NUM_THREADS": "1",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("RAY_ADDRESS", None)
+        exe = str(Path(sys.executable).with_name("ray"))
+        cmd = [exe if Path(exe).exists() else "ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
+               f"--temp-dir={root}/ray", "--include-dashboard=false", "--disable-usage-stats",
+               f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+               f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_agent}"]
+        log = open(Path(root) / "head.log", "w")  # noqa: SIM115 - written by the head until teardown
+        head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while True:
+            if head.poll() is not None:
+                raise RuntimeError(f"ray head exited: {(Path(root) / 'head.log').read_text()[-2000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", gcs), timeout=0.5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the test session's ray head did not start within 180 s") from None
+                time.sleep(0.5)
+        for attempt in range(60):  # the head's raylet registers a little after the GCS answers
+            try:
+                ray.init(address=f"127.0.0.1:{gcs}", log_to_driver=False, configure_logging=False)
+                break
+            except (ConnectionError, RuntimeError):
+                if attempt == 59:
+                    raise
+                time.sleep(1)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     yield
     ray.shutdown()
+    if head is not None:
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def _free_port() -> int:
