@@ -42,14 +42,12 @@ def ray_session() -> Iterator[None]:
     ray = pytest.importorskip("ray")
     head = None
     if not ray.is_initialized():
-        import secrets
         import tempfile
 
         root = tempfile.mkdtemp(prefix="ltray-", dir="/tmp")
         gcs, agent_http, agent_grpc, metrics, rt_agent = (_free_port() for _ in range(5))
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
-        env = {**os.environ, "RAY_TMPDIR": root, "OMP_NUM_THREADS": "1",
+        # No token: this test process imported Ray before it could set one (Ray reads the auth mode at import).
+        env = {**os.environ, "RAY_TMPDIR": root, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled",
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         env.pop("RAY_ADDRESS", None)
         exe = str(Path(sys.executable).with_name("ray"))
