@@ -112,16 +112,22 @@ def trial_need_cpus(cfg: Config) -> float:
 
 
 def check_fits(study: StudyConfig, base: Config) -> None:
-    """``concurrency`` trials must fit the cluster at once, or the later ones would wait for CPUs forever."""
+    """``concurrency`` trials must fit the cluster at once, or the later ones would wait for CPUs forever.
+
+    Every trial's training workers hold their CPUs for the whole run, and the ingest's repartition step (small
+    splits) runs as tasks of one whole CPU: one whole CPU must stay free beside all the trials' workers, or those
+    tasks never start (Ray Data warns "may hang forever", and it does).
+    """
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0))
-    need = study.concurrency * (trial_need_cpus(base) + TRIAL_CPUS)
+    workers = base.train.num_workers * base.train.cpus_per_worker
+    need = study.concurrency * (workers + TRIAL_CPUS) + max(1.0, base.train.data_cpus)
     if need > total + 1e-9:
         raise ConfigError(
             f"concurrency={study.concurrency} trials x (train.num_workers={base.train.num_workers} x "
-            f"train.cpus_per_worker={base.train.cpus_per_worker:g} + train.data_cpus={base.train.data_cpus:g} + "
-            f"{TRIAL_CPUS:g} for the trial) needs {need:g} CPUs but the cluster has {total:g}; lower concurrency, "
+            f"train.cpus_per_worker={base.train.cpus_per_worker:g} + {TRIAL_CPUS:g} for the trial) + 1 CPU for "
+            f"the data tasks needs {need:g} CPUs but the cluster has {total:g}; lower concurrency, "
             "run.train.num_workers or run.train.cpus_per_worker")
 
 
