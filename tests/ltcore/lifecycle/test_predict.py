@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -76,7 +77,7 @@ def test_predict_on_s3_equals_evaluate(ray_session, s3_bucket, tmp_path):
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/pred/predictions.parquet"))).to_pandas()
     assert len(table) == len(rels) + 1 and set(table.id) == {*rels, "broken.jpg"}
     broken = table[table.id == "broken.jpg"].iloc[0]
-    assert broken.error.startswith("cannot be decoded") and broken.predicted_class is None
+    assert broken.error.startswith("cannot be decoded") and pd.isna(broken.predicted_class)
     ok = table[table.id != "broken.jpg"].set_index("id")
     assert (ok.error == "").all() and set(ok.model_version) == {"1"}
     probs = ok[[f"prob_{c}" for c in CLASSES]].to_numpy()
