@@ -13,7 +13,7 @@ import pytest
 
 from ltcore.lifecycle import gate
 
-from .conftest import COUNTS, REPO, RETRAIN, SUBPROCESS_ENV, last_line, retrain_overrides, run_script, write_digits
+from .conftest import COUNTS, REPO, RETRAIN, last_line, retrain_overrides, run_script, subprocess_env, write_digits
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
 CONFIG = str(REPO / "pipelines" / "configs" / "retrain_demo.yaml")
@@ -101,7 +101,7 @@ def _killed_at_alias(tmp: Path, images: Path) -> subprocess.CompletedProcess:
         f"runpy.run_path({str(RETRAIN)!r}, run_name='__main__')\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=REPO,
-                          env=SUBPROCESS_ENV)
+                          env=subprocess_env())
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_new_data_kill_between_register_and_alias_and_concurrent_retrains(tmp_pa
     assert last_line(after).startswith("promoted:" if detail["outcome"] == "promoted" else "kept champion:")
 
     # Two retrains started together (a new config): one trains and is gated, the other finds the lock held.
-    env = dict(SUBPROCESS_ENV)
+    env = subprocess_env()
     args = ["--config", CONFIG, *retrain_overrides(tmp_path, images), "train.seed=1"]
     procs = [subprocess.Popen([sys.executable, str(RETRAIN), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, cwd=REPO, env=env) for _ in range(2)]
