@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,18 @@ def retrain_overrides(tmp: Path, images: Path) -> list[str]:
     ]
 
 
+# A busy CI machine can take longer than Ray's default to register a fresh local node.
+_WAIT = "RAY_raylet_start_wait_time_s"  # Ray's config name, case and all
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment now (fixtures set the S3 variables), with the longer Ray node wait."""
+    return {**os.environ, _WAIT: os.environ.get(_WAIT, "180")}
+
+
 def run_script(script: Path, args: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+                          cwd=REPO, env=subprocess_env())
 
 
 def last_line(proc: subprocess.CompletedProcess) -> str:

@@ -1,5 +1,6 @@
 """predict.py on a folder of images in the local S3 test server: one row per image, probabilities equal to
-evaluate.py's on a dataset version prepared from the same images, a corrupt image as one error row, 2 actors."""
+evaluate.py's on a dataset version prepared from the same images, a corrupt image as one error row, 2 actors.
+Measured: 117 s on the shared 2-core machine (load average ~25)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -28,6 +30,9 @@ def _register_model(tmp_path, cfg) -> None:
 
     torch.manual_seed(0)
     model = build_model(num_classes=len(CLASSES), backbone="small_cnn", pretrained="none", head="linear")
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(200.0)  # confident, image-dependent probabilities: a 1e-5 comparison then means something
     meta = {"backbone": "small_cnn", "classes": CLASSES, "head": "linear", "feat_dim": model.feat_dim,
             "proj_dim": 0, "aux_binary": False, "cosine_scale": 16.0}
     ckpt.save_dir(str(tmp_path / "ck"), {"model": model.state_dict()}, meta)
@@ -76,7 +81,7 @@ def test_predict_on_s3_equals_evaluate(ray_session, s3_bucket, tmp_path):
     table = pq.read_table(io.BytesIO(storage.read_bytes(f"{s3_bucket}/pred/predictions.parquet"))).to_pandas()
     assert len(table) == len(rels) + 1 and set(table.id) == {*rels, "broken.jpg"}
     broken = table[table.id == "broken.jpg"].iloc[0]
-    assert broken.error.startswith("cannot be decoded") and broken.predicted_class is None
+    assert broken.error.startswith("cannot be decoded") and pd.isna(broken.predicted_class)
     ok = table[table.id != "broken.jpg"].set_index("id")
     assert (ok.error == "").all() and set(ok.model_version) == {"1"}
     probs = ok[[f"prob_{c}" for c in CLASSES]].to_numpy()
@@ -98,7 +103,7 @@ def test_predict_on_s3_equals_evaluate(ray_session, s3_bucket, tmp_path):
         compared += len(ids)
     assert compared == len(rels)
     # and they are not all the same (a random model still separates the images)
-    assert probs.std(0).max() > 1e-3
+    assert probs.std(0).max() > 0.05
 
     # Bad input: the output exists already -> one line, exit 2, before Ray
     again = run_script(PREDICT, ["--config", str(REPO / "ltcore" / "configs" / "retrain_demo.yaml"),
