@@ -18,7 +18,8 @@ from ltcore.lifecycle import gate
 
 from .conftest import COUNTS, REPO, RETRAIN, last_line, retrain_overrides, run_script, subprocess_env, write_digits
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(2400)]
+# each test drives several retrain.py runs (minutes each on 2 cores): `make test-all`
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(2400)]
 CONFIG = str(REPO / "ltcore" / "configs" / "retrain_demo.yaml")
 
 
