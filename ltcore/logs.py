@@ -18,7 +18,7 @@ def setup(level: int = logging.INFO) -> None:
     """Send the ``ltcore`` loggers' records to stdout as bare messages; idempotent."""
     root = logging.getLogger("ltcore")
     if not any(getattr(h, "_ltcore", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _Stdout()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler._ltcore = True  # type: ignore[attr-defined]
         root.addHandler(handler)
@@ -32,3 +32,18 @@ def ray_log_level() -> str:
     if not isinstance(logging.getLevelName(level), int):
         raise ValueError(f"{RAY_LOG_LEVEL_ENV}={level!r} is not a logging level; use DEBUG, INFO, WARNING or ERROR")
     return level
+
+
+class _Stdout(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stdout`` is at the time of each record (a redirect made later still gets it)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property  # type: ignore[override]
+    def stream(self) -> object:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: object) -> None:  # set by StreamHandler.__init__; the property reads sys.stdout
+        pass

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ltcore import storage
+from ltcore import logs, storage
 from ltcore.config import DataConfig, SourceConfig, check_config, to_dict
 from ltcore.data import sampling, splits
 from ltcore.data.manifest import Manifest, content_hash, manifest_uri, shard_uri, verify_shards, version_uri
@@ -79,6 +79,8 @@ def prepare_dataset(
         ValueError: bad config values or bad input (one line naming the file/row/class and what to do).
         storage.StorageError: an output or input URI that cannot be reached or written.
     """
+    if progress:
+        logs.setup()  # progress asked for: the lines reach stdout even where no entry script set logging up
     say: Callable[[str], None] = logger.info if progress else (lambda msg: None)
     t0 = time.monotonic()
     check_config(cfg, "data.")  # a section built in code has not been checked yet
