@@ -13,10 +13,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "ltcore"
 
 # Ray lives in the engine, the two Ray Data jobs, the Ray start-up module, the entry layer, and the two system
-# layers above the engine whose purpose is Ray (Tune studies; batch prediction on Ray Data in the lifecycle); the
+# layers above the engine that drive it (Tune studies; retraining and batch prediction in the lifecycle); the
 # core (losses, augment, methods, models, eval, sampling, splits, config, storage) stays importable without it.
 RAY_ALLOWED = ("ltcore.engine.", "ltcore.data.prepare", "ltcore.data.ingest", "ltcore.raystart", "ltcore.cli",
-               "ltcore.entry", "ltcore.tune.", "ltcore.lifecycle.predict")
+               "ltcore.entry", "ltcore.tune.", "ltcore.lifecycle.")
 
 # The entry layer: argument parsing, one-line errors, console scripts. Nothing in the library imports it.
 ENTRY = ("ltcore.cli", "ltcore.entry")
