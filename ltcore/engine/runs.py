@@ -133,7 +133,7 @@ def latest_unfinished(cfg: Config) -> Run | None:
     fs, path = storage.fsspec_fs(root)
     try:
         entries = fs.ls(path, detail=True, refresh=True)
-    except FileNotFoundError:
+    except OSError:  # no runs yet, or not a folder: the writability check that follows says what is wrong
         return None
     folders = sorted((str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"),
                      reverse=True)  # run ids start with their UTC start time: newest first
