@@ -1,8 +1,8 @@
-"""ltcore's own log lines: one per event, to stdout, without prefixes; Ray's messages stay at warning level.
+"""ltcore's own log lines: one per event, to stdout, without prefixes; Ray's core and Train messages at warning.
 
 The entry scripts call :func:`setup` once; Ray Train workers call it at start-up (``engine.worker``), and only
 the first worker logs, so a line is printed once however many workers run. ``LTCORE_RAY_LOG_LEVEL`` (default
-``WARNING``) is the level of Ray's own messages (``INFO`` brings back Ray Data's and Ray Train's progress).
+``WARNING``) is the level of Ray's core and Ray Train messages (``INFO`` brings them back).
 """
 
 from __future__ import annotations

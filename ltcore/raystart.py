@@ -37,7 +37,6 @@ def init_ray(num_cpus: int | None = None) -> None:
         # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
         start_local(num_cpus=num_cpus, **quiet)
     logging.getLogger("ray").setLevel(level)
-    _quiet_ray_data_console(level)
     # Ray Data's progress bars only on a terminal (Ray workers would otherwise draw them into the driver's log).
     ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
 
@@ -54,10 +53,7 @@ def start_local(**init_kwargs: Any) -> None:
     """``ray.init(address="local", ...)`` in a temp root of its own, with its address recorded there."""
     import ray
 
-    from ltcore import logs
-
     root = _private_temp_root()
-    _ray_data_logging_config(root, logs.ray_log_level())
     ray.init(address="local", _temp_dir=os.path.join(root, "ray"), **init_kwargs)
     _record_address(root, ray.get_runtime_context().gcs_address)
 
@@ -74,31 +70,3 @@ def _record_address(temp_root: str, gcs_address: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(gcs_address)
-
-
-def _ray_data_logging_config(temp_root: str, level: str) -> None:
-    """Ray Data's logging config with its console handler at ``level`` (its log files keep everything), for every
-    process of a local Ray (``RAY_DATA_LOGGING_CONFIG``, read when a process imports ``ray.data``)."""
-    import copy
-
-    import yaml
-
-    try:
-        from ray.data._internal.logging import DEFAULT_CONFIG
-    except ImportError:  # another Ray Data layout: its own defaults apply
-        return
-    config: dict[str, Any] = copy.deepcopy(DEFAULT_CONFIG)
-    config["handlers"]["console"]["level"] = level
-    path = os.path.join(temp_root, "ray-data-logging.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(config, f)
-    os.environ["RAY_DATA_LOGGING_CONFIG"] = path
-
-
-def _quiet_ray_data_console(level: str) -> None:
-    """This process's Ray Data console lines at ``level`` (``ray.data`` may have been imported before start-up)."""
-    import logging
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if type(handler).__name__ != "SessionFileHandler":
-            handler.setLevel(level)
