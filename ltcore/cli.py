@@ -8,6 +8,7 @@ an installed package (not only a source checkout) finds the demo config.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.resources
 import os
 import sys
@@ -68,8 +69,16 @@ def run_main(fn: Callable[[], int | None]) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except RunError as e:  # failed while training: one line, the traceback is in the run's error.log
+        _stop_ray()  # Ray forwards workers' logs asynchronously: let them out first, so that the line is the last
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2 if e.bad_input else 1)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(code or 0)
+
+
+def _stop_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        with contextlib.suppress(Exception):  # the error line matters more than a clean shutdown
+            ray.shutdown()
