@@ -131,19 +131,15 @@ def latest_unfinished(cfg: Config) -> Run | None:
     no ``report.json``: a plain rerun after a crash continues it instead of starting over."""
     root = storage.join(storage.normalize(cfg.train.storage), "runs")
     fs, path = storage.fsspec_fs(root)
-    try:
-        entries = fs.ls(path, detail=True, refresh=True)
-    except OSError:  # no runs yet, or not a folder: the writability check that follows says what is wrong
+    try:  # two listings, whatever the number of past runs: which runs started (config.yaml), which finished
+        started = {p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{path}/*/{CONFIG_NAME}")}
+        finished = {p.rstrip("/").rsplit("/", 2)[-2] for p in fs.glob(f"{path}/*/{REPORT_NAME}")}
+    except OSError:  # not a folder: the writability check that follows says what is wrong
         return None
-    folders = sorted((str(e["name"]).rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"),
-                     reverse=True)  # run ids start with their UTC start time: newest first
-    for run_id in folders:
+    for run_id in sorted(started - finished, reverse=True):  # run ids start with their UTC start time: newest first
         uri = run_uri(cfg, run_id)
-        cfg_file = storage.join(uri, CONFIG_NAME)
-        if storage.exists(storage.join(uri, REPORT_NAME)) or not storage.exists(cfg_file):
-            continue
         try:
-            recorded = yaml.safe_load(storage.read_text(cfg_file)) or {}
+            recorded = yaml.safe_load(storage.read_text(storage.join(uri, CONFIG_NAME))) or {}
         except yaml.YAMLError:
             continue
         if not config_differences(recorded, cfg):

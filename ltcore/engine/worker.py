@@ -179,11 +179,6 @@ def eval_metrics(cfg: Config, probs: np.ndarray, labels: np.ndarray, classes: li
                            ece_bins=cfg.eval.ece_bins)
 
 
-def setup_logging() -> None:
-    """ltcore's lines from this worker to stdout, once each (see :mod:`ltcore.logs`)."""
-    logs.setup()
-
-
 def log(msg: str) -> None:
     """One line from the first worker (the others stay quiet: no line is printed once per worker)."""
     if dist.is_main():
@@ -228,7 +223,7 @@ def lr_lambda(warmup: int, total: int) -> Any:
 
 def set_threads(cfg: Config) -> None:
     """Worker start-up: torch threads (``train.torch_threads``) and ltcore's log lines."""
-    setup_logging()
+    logs.setup()
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
 

@@ -16,10 +16,11 @@ from matplotlib.figure import Figure
 from ltcore import storage
 
 
-def _save(fig: Figure, path_uri: str) -> str:
+def save_figure(fig: Figure, path_uri: str, dpi: int = 120) -> str:
+    """Render ``fig`` as PNG to any storage URI (no pyplot state); returns the URI."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     storage.write_bytes(path_uri, buf.getvalue())
     return path_uri
 
@@ -56,7 +57,7 @@ def plot_confusion(
             for j in range(n):
                 ax.text(j, i, f"{int(m[i, j])}", ha="center", va="center", fontsize=8,
                         color="white" if shown[i, j] > 0.5 * top else "black")
-    return _save(fig, path_uri)
+    return save_figure(fig, path_uri)
 
 
 def plot_recall_vs_count(
@@ -93,4 +94,4 @@ def plot_recall_vs_count(
     ax.set_xlabel("training images per class (log scale)")
     ax.set_ylabel("recall")
     ax.grid(True, which="both", alpha=0.3)
-    return _save(fig, path_uri)
+    return save_figure(fig, path_uri)

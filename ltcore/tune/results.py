@@ -14,11 +14,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ltcore import storage
 from ltcore.config import Config, dump_yaml
+from ltcore.eval.plots import save_figure
 from ltcore.tune.config import FINAL_METRICS, Objective, ParamSpec, StudyConfig, trial_config
 
 OK, STOPPED, ERROR = "ok", "stopped", "error"
@@ -91,14 +90,6 @@ def best_config_yaml(study: StudyConfig, base: Config, row: dict[str, Any]) -> s
     return head + dump_yaml(cfg)
 
 
-def _save(fig: Figure, uri: str) -> str:
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    storage.write_bytes(uri, buf.getvalue())
-    return uri
-
-
 def plot_objective(study: StudyConfig, rows: Sequence[dict[str, Any]], uri: str) -> str:
     o = study.objectives[0]
     fig = Figure(figsize=(6, 3.5))
@@ -121,7 +112,7 @@ def plot_objective(study: StudyConfig, rows: Sequence[dict[str, Any]], uri: str)
     ax.set_xlabel("trial (in order of creation)")
     ax.set_ylabel(o.metric)
     ax.legend(fontsize=7)
-    return _save(fig, uri)
+    return save_figure(fig, uri, dpi=110)
 
 
 def plot_pareto(study: StudyConfig, rows: Sequence[dict[str, Any]], uri: str) -> str:
@@ -136,7 +127,7 @@ def plot_pareto(study: StudyConfig, rows: Sequence[dict[str, Any]], uri: str) ->
     ax.set_xlabel(a)
     ax.set_ylabel(b)
     ax.legend(fontsize=7)
-    return _save(fig, uri)
+    return save_figure(fig, uri, dpi=110)
 
 
 def param_importances(study: StudyConfig, rows: Sequence[dict[str, Any]]) -> dict[str, float] | None:
@@ -176,4 +167,4 @@ def plot_importances(importances: dict[str, float], metric: str, uri: str) -> st
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel(f"importance for {metric} (Optuna, fANOVA)")
-    return _save(fig, uri)
+    return save_figure(fig, uri, dpi=110)

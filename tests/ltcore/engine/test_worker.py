@@ -41,10 +41,10 @@ def test_progress_lines_are_rate_limited(lines, monkeypatch):
 
 
 def test_setup_logging_adds_one_handler():
-    from ltcore.engine import worker
+    from ltcore import logs
 
-    worker.setup_logging()
-    worker.setup_logging()  # idempotent: a second call adds no second handler (each line would print twice)
+    logs.setup()
+    logs.setup()  # idempotent: a second call adds no second handler (each line would print twice)
     root = logging.getLogger("ltcore")
     assert sum(getattr(h, "_ltcore", False) for h in root.handlers) == 1
     assert root.level == logging.INFO and root.propagate is False
