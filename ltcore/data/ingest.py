@@ -150,6 +150,7 @@ class _Version:
     classes: tuple[str, ...]
     counts: tuple[int, ...]
     shards: tuple[str, ...]
+    image_size: int  # the stored images' shorter side
 
 
 def _version(manifest: Any, split: str) -> _Version:
@@ -158,17 +159,17 @@ def _version(manifest: Any, split: str) -> _Version:
         manifest = Manifest.load(manifest)
     if isinstance(manifest, Mapping):
         classes = tuple(manifest["classes"])
-        counts_all, shards_all = manifest["counts"], manifest["shards"]
+        counts_all, shards_all, size = manifest["counts"], manifest["shards"], int(manifest["image_size"])
     else:
         classes = tuple(manifest.classes)
-        counts_all, shards_all = manifest.counts, manifest.shards
+        counts_all, shards_all, size = manifest.counts, manifest.shards, int(manifest.image_size)
     if split not in shards_all or split not in counts_all:
         raise ValueError(f"dataset version has no split {split!r}; splits: {', '.join(sorted(shards_all))}")
     counts = tuple(int(counts_all[split].get(c, 0)) for c in classes)
     shards = tuple(shards_all[split])
     if not shards or sum(counts) == 0:
         raise ValueError(f"split {split!r} of the dataset version is empty; prepare it with more data")
-    return _Version(classes, counts, shards)
+    return _Version(classes, counts, shards, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -321,8 +322,8 @@ class _Augmenter:
         self.transforms = [build_transform(v, spec.image_size, normalize=False) for v in spec.views]
         self.random = [v != "test" for v in spec.views]
 
-    def __call__(self, images: Sequence[bytes], labels: np.ndarray, ids: Sequence[str], copies: np.ndarray,
-                 epoch: int | None) -> dict[str, np.ndarray]:
+    def __call__(self, images: Sequence[bytes | torch.Tensor], labels: np.ndarray, ids: Sequence[str],
+                 copies: np.ndarray, epoch: int | None) -> dict[str, np.ndarray]:
         n, s = len(images), self.spec.image_size
         outs = [torch.empty((n, 3, s, s), dtype=torch.uint8) for _ in self.transforms]  # (B, 3, S, S) per view
         seeds = [
@@ -333,7 +334,7 @@ class _Augmenter:
         # the caller's generator as it was.
         with torch.random.fork_rng(devices=[]):
             for i, data in enumerate(images):
-                img = decode_image(data)
+                img = data if isinstance(data, torch.Tensor) else decode_image(data)  # cached rows: decoded
                 for t, view_seeds, out in zip(self.transforms, seeds, outs):
                     if view_seeds is not None:
                         # the CPU generator only: torch.manual_seed also seeds CUDA, ~80 us per call
@@ -361,19 +362,28 @@ def _read_shards(batch: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...], 
     for uri in batch.column("uri").to_pylist():
         fs, path = storage.arrow_fs(uri, s3)
         tables.append(pq.read_table(path, filesystem=fs, columns=READ_COLUMNS))
-    block = pa.concat_tables(tables)
-    n = block.num_rows
+    return _resample(pa.concat_tables(tables), spec, counts, epoch_source)
+
+
+def _resample(block: pa.Table, spec: IngestSpec, counts: tuple[int, ...], epoch_source: EpochSource | None
+              ) -> pa.Table:
+    """The block's rows for the epoch: each repeated r_i times (column ``rep``: copy index), in a random order when
+    ``shuffle``."""
     if not spec.resamples and not spec.shuffle:
-        return block.append_column("rep", pa.array(np.zeros(n, np.int32), pa.int32()))
-    epoch = resolve_epoch(epoch_source) if spec.needs_epoch else 0
+        return block.append_column("rep", pa.array(np.zeros(block.num_rows, np.int32), pa.int32()))
+    idx, copy = _draw(block, spec, counts, resolve_epoch(epoch_source) if spec.needs_epoch else 0)
+    return block.take(pa.array(idx, pa.int64())).append_column("rep", pa.array(copy.astype(np.int32), pa.int32()))
+
+
+def _draw(block: pa.Table, spec: IngestSpec, counts: tuple[int, ...], epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, copy index) of the block's output rows for ``epoch``, shuffled when ``spec.shuffle``. Draws and
+    order are functions of (seed, epoch, row id, copy index), whatever rows share the block."""
     ids = block.column("id").to_pylist()
-    reps = _repeats(ids, block.column("label").to_numpy(), counts, spec, epoch)
-    idx, copy = _expand(n, reps)
+    idx, copy = _expand(block.num_rows, _repeats(ids, block.column("label").to_numpy(), counts, spec, epoch))
     if spec.shuffle and idx.size:
         order = _shuffle_order([ids[i] for i in idx], copy, spec.seed, epoch)
         idx, copy = idx[order], copy[order]
-    out = block.take(pa.array(idx, pa.int64()))
-    return out.append_column("rep", pa.array(copy.astype(np.int32), pa.int32()))
+    return idx, copy
 
 
 def _decode_batch(batch: pa.Table, *, spec: IngestSpec, epoch_source: EpochSource | None,
@@ -402,6 +412,105 @@ def cut_shards(num_shards: int, num_cpus: float) -> bool:
     return num_shards < 2 * decode_slots(num_cpus)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# a split decoded once (Ray's object store)
+
+#: The engines cache a split decoded when its size bound fits this share of the cluster's object store.
+CACHE_SHARE = 0.25
+_ASPECT_BOUND = 2  # the size bound assumes no stored image is more than twice as long as its shorter side
+
+
+@dataclass(frozen=True)
+class DecodedSplit:
+    """A split decoded once into Ray's object store, by :func:`decode_split`.
+
+    ``dataset`` is a materialized ``ray.data.Dataset`` of rows ``id``, ``label``, ``pixels`` (the decoded uint8
+    ``(3, height, width)`` image as bytes), ``height``, ``width``. Pass it to :func:`build_dataset` as
+    ``decoded=``: every epoch then reads it instead of the Parquet shards and skips the JPEG decode, and only the
+    draws and the augmentation run per epoch. Its blocks live as long as the process that made it holds it.
+    """
+
+    split: str
+    dataset: Any
+    rows: int
+    nbytes: int  # bytes in the object store
+
+
+def decoded_size_bound(manifest: Any, split: str) -> int:
+    """An upper bound on ``split``'s decoded bytes, from the manifest alone: rows x 3 x S x 2S (S = the stored
+    shorter side; every image at most 2:1)."""
+    v = _version(manifest, split)
+    return sum(v.counts) * 3 * v.image_size * v.image_size * _ASPECT_BOUND
+
+
+def object_store_bytes() -> int:
+    """The Ray cluster's object store memory in bytes (0 without a Ray instance here)."""
+    import ray
+
+    return int(ray.cluster_resources().get("object_store_memory", 0)) if ray.is_initialized() else 0
+
+
+def decode_split(manifest: Any, split: str, *, num_cpus: float = 1.0, s3: storage.S3Options | None = None
+                 ) -> DecodedSplit:
+    """Read and decode every image of ``split`` once and keep the decoded rows in Ray's object store.
+
+    One task per shard; a split with fewer shards than twice the decode slots (:func:`decode_slots`) is cut into
+    that many blocks, so that every slot has work in each epoch. Blocks until the split is decoded.
+    """
+    import ray.data
+
+    version = _version(manifest, split)
+    ds: Any = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
+    ds = ds.map_batches(_read_decode_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                        fn_kwargs={"s3": (s3 or storage.S3Options()).resolved()})
+    blocks = 2 * decode_slots(num_cpus)
+    if len(version.shards) < blocks:
+        ds = ds.repartition(blocks)
+    ds = ds.materialize()
+    return DecodedSplit(split, ds, int(ds.count()), int(ds.size_bytes()))
+
+
+def _read_decode_shards(batch: pa.Table, *, s3: storage.S3Options) -> pa.Table:
+    """Ray UDF: the shard(s) named in ``batch["uri"]`` decoded: ``id``, ``label``, ``pixels``, ``height``, ``width``."""
+    block = pa.concat_tables([pq.read_table(path, filesystem=fs, columns=READ_COLUMNS)
+                              for fs, path in (storage.arrow_fs(u, s3) for u in batch.column("uri").to_pylist())])
+    images = [decode_image(data) for data in block.column("image").to_pylist()]  # each (3, H, W) uint8
+    return pa.table({
+        "id": block.column("id"), "label": block.column("label"),
+        "pixels": pa.array([img.numpy().tobytes() for img in images], pa.large_binary()),
+        "height": pa.array([img.shape[1] for img in images], pa.int32()),
+        "width": pa.array([img.shape[2] for img in images], pa.int32()),
+    })
+
+
+def _decoded_images(part: pa.Table) -> list[torch.Tensor]:
+    """The ``(3, H, W)`` uint8 images of decoded rows (writable copies of the object store's bytes)."""
+    col = part.column("pixels").combine_chunks()
+    if len(col) == 0:
+        return []
+    offsets = np.frombuffer(col.buffers()[1], np.int64)[col.offset : col.offset + len(col) + 1]
+    data = np.frombuffer(col.buffers()[2], np.uint8)
+    hs, ws = part.column("height").to_numpy(), part.column("width").to_numpy()
+    return [torch.from_numpy(data[offsets[i] : offsets[i + 1]].copy()).view(3, int(hs[i]), int(ws[i]))
+            for i in range(len(col))]
+
+
+def _augment_decoded(block: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...],
+                     epoch_source: EpochSource | None, normalize: bool, batch_size: int) -> Iterator[_Batch]:
+    """Ray UDF over a decoded block: the epoch's draws and order, then the augmentation, ``batch_size`` rows at a
+    time (the same rows and images as the streaming path)."""
+    epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
+    if spec.resamples or spec.shuffle:
+        idx, copy = _draw(block, spec, counts, 0 if epoch is None else epoch)
+    else:
+        idx, copy = np.arange(block.num_rows), np.zeros(block.num_rows, np.int64)
+    augment = _Augmenter(spec, normalize=normalize)
+    for start in range(0, idx.size, batch_size):
+        part = block.take(pa.array(idx[start : start + batch_size], pa.int64()))
+        yield augment(_decoded_images(part), part.column("label").to_numpy(), part.column("id").to_pylist(),
+                      copy[start : start + batch_size], epoch)
+
+
 def build_dataset(
     manifest: Any,
     spec: IngestSpec,
@@ -412,6 +521,7 @@ def build_dataset(
     s3: storage.S3Options | None = None,
     normalize: bool = True,
     cut: bool | None = None,
+    decoded: DecodedSplit | None = None,
 ) -> Any:
     """The split as a ``ray.data.Dataset`` of rows ``image`` ``(3, S, S)`` [, ``image2``], ``label`` int64.
 
@@ -429,6 +539,8 @@ def build_dataset(
             normalises them (``collate_fn=normalize_collate_fn()``), giving the same float32 batches.
         cut: cut shards into ``decode_batch_size``-row blocks before decoding: None decides by
             :func:`cut_shards` (the number of shards against the cluster's decode slots); True/False force it.
+        decoded: the split already decoded (:func:`decode_split`): every epoch reads it instead of the shards and
+            only draws and augments (the same rows and images). ``cut`` does not apply.
 
     Returns:
         A lazy ``ray.data.Dataset``; each execution (each epoch a Train worker iterates its shard) re-draws.
@@ -444,6 +556,9 @@ def build_dataset(
     if not isinstance(epoch_source, EpochClock | int | None) or isinstance(epoch_source, bool):
         raise ValueError(f"epoch_source must be an EpochClock, an int or None, got {type(epoch_source).__name__}")
     version = _version(manifest, spec.split)
+    if decoded is not None:
+        return _from_decoded(decoded, spec, version, epoch_source=epoch_source, num_cpus=num_cpus,
+                             batch_size=decode_batch_size, normalize=normalize)
     # One block per shard URI, read by our own task: read_parquet would list the files again in every epoch (a
     # task of ~1 s here) and pack small shards into one read task.
     ds: Any = ray.data.from_items([{"uri": u} for u in version.shards], override_num_blocks=len(version.shards))
@@ -470,6 +585,20 @@ def build_dataset(
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
                           udf_modifying_row_count=False)
+
+
+def _from_decoded(decoded: DecodedSplit, spec: IngestSpec, version: _Version, *, epoch_source: EpochSource | None,
+                  num_cpus: float, batch_size: int, normalize: bool) -> Any:
+    import ray.data
+
+    if decoded.split != spec.split:
+        raise ValueError(f"decoded= holds split {decoded.split!r}, but the spec asks for {spec.split!r}")
+    ds = decoded.dataset
+    if spec.shuffle:
+        ds = ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=spec.seed, reseed_after_execution=True))
+    return ds.map_batches(_augment_decoded, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
+                          fn_kwargs={"spec": spec, "counts": version.counts, "epoch_source": epoch_source,
+                                     "normalize": normalize, "batch_size": batch_size})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -545,12 +674,7 @@ def iter_epoch_local(
         if spec.shuffle:
             tables = iter([pa.concat_tables(list(tables))])
         for t in tables:
-            ids = t.column("id").to_pylist()
-            reps = _repeats(ids, t.column("label").to_numpy(), version.counts, spec, int(epoch))
-            idx, copy = _expand(len(ids), reps)
-            if spec.shuffle:
-                order = _shuffle_order([ids[i] for i in idx], copy, spec.seed, int(epoch))
-                idx, copy = idx[order], copy[order]
+            idx, copy = _draw(t, spec, version.counts, int(epoch))
             yield t, idx, copy
 
     pending: list[_Batch] = []
@@ -587,13 +711,18 @@ def _emit(batch: dict[str, np.ndarray], histogram: np.ndarray | None) -> dict[st
 
 
 __all__ = [
+    "CACHE_SHARE",
+    "DecodedSplit",
     "EpochClock",
     "IngestSpec",
     "build_dataset",
     "cut_shards",
     "decode_slots",
+    "decode_split",
+    "decoded_size_bound",
     "epoch_histogram",
     "iter_epoch_local",
+    "object_store_bytes",
     "planned_draws",
     "resolve_epoch",
 ]

@@ -9,7 +9,9 @@ re-running a run id continues it instead of starting over.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +21,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from ltcore import logs, storage
 from ltcore.config import Config, ConfigError, to_dict
-from ltcore.data.ingest import EpochClock, IngestSpec, build_dataset
+from ltcore.data import ingest
+from ltcore.data.ingest import DecodedSplit, EpochClock, IngestSpec, build_dataset
 from ltcore.data.manifest import Manifest
 from ltcore.data.sampling import stage1_sampling
 from ltcore.engine.checkpoint import read_meta
@@ -28,6 +31,9 @@ from ltcore.methods.recipes import build_stage1
 
 # Splits that are evaluated or feature-extracted: every row must reach exactly one worker.
 EXACT_SPLITS = ("val", "test", "train")
+# Splits stage 1 reads every epoch, so decoding them once pays (test is read once, after the last epoch).
+CACHED_SPLITS = ("train", "val")
+logger = logging.getLogger("ltcore.data")
 
 
 class ShardConfig(ray.train.DataConfig):
@@ -110,6 +116,29 @@ def _dataset(manifest_uri: str, spec: IngestSpec, **kwargs: Any) -> Any:
     return build_dataset(manifest_uri, spec, normalize=False, **kwargs)
 
 
+def decoded_splits(cfg: Config, manifest_uri: str, manifest: Manifest,
+                   splits: Sequence[str] = CACHED_SPLITS) -> dict[str, DecodedSplit]:
+    """The splits this run decodes once into Ray's object store (``train.cache_decoded``): all of ``splits`` with
+    ``yes``; with ``auto``, each in turn while the size bounds together fit ``CACHE_SHARE`` of the object store
+    (the rest stream from the shards); none with ``no``. The decoded blocks live as long as the driver holds them."""
+    mode = cfg.train.cache_decoded
+    budget = ingest.CACHE_SHARE * ingest.object_store_bytes()
+    out: dict[str, DecodedSplit] = {}
+    for split in splits if mode != "no" else ():
+        bound = ingest.decoded_size_bound(manifest, split)
+        if mode == "auto" and bound > budget:
+            logger.info(f"[data] {split}: decoded per epoch from the shards (up to {bound / 2**20:.0f} MiB decoded "
+                        f"is more than {ingest.CACHE_SHARE:.0%} of the object store left; train.cache_decoded=yes "
+                        "forces the cache)")
+            continue
+        t0 = time.perf_counter()
+        out[split] = d = ingest.decode_split(manifest_uri, split, num_cpus=cfg.train.data_cpus)
+        budget -= bound
+        logger.info(f"[data] {split}: {d.rows} images decoded once into Ray's object store ({d.nbytes / 2**20:.0f} "
+                    f"MiB, {time.perf_counter() - t0:.1f} s); each epoch draws and augments from there")
+    return out
+
+
 def eval_spec(manifest: Manifest, split: str, cfg: Config) -> IngestSpec:
     return IngestSpec(split=split, views=("test",), image_size=manifest.image_size, q=None, seed=cfg.train.seed,
                       shuffle=False)
@@ -117,6 +146,7 @@ def eval_spec(manifest: Manifest, split: str, cfg: Config) -> IngestSpec:
 
 def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: EpochClock) -> dict[str, Any]:
     s1 = cfg.stage1
+    decoded = decoded_splits(cfg, manifest_uri, manifest)
     recipe = build_stage1(s1.method, loss_cfg=s1.loss, class_counts=manifest.class_counts("train"),
                           classes=list(manifest.classes), epochs=s1.epochs, proj_dim=cfg.model.proj_dim)
     views = ("strong",) if s1.augment == "strong" and recipe.views == ("weak",) else recipe.views
@@ -127,11 +157,13 @@ def stage1_datasets(cfg: Config, manifest_uri: str, manifest: Manifest, clock: E
         name: _dataset(manifest_uri, IngestSpec(
             split="train", views=views, image_size=manifest.image_size, q=p.q, progressive=p.progressive,
             total_epochs=s1.epochs, seed=cfg.train.seed + p.seed_offset, shuffle=True,
-            epoch_size=_epoch_size(cfg, s1.batch_size)), epoch_source=clock, num_cpus=cfg.train.data_cpus)
+            epoch_size=_epoch_size(cfg, s1.batch_size)), epoch_source=clock, num_cpus=cfg.train.data_cpus,
+            decoded=decoded.get("train"))
         for name, p in policy.items()
     }
     return streams | {
-        "val": _dataset(manifest_uri, eval_spec(manifest, "val", cfg), num_cpus=cfg.train.data_cpus),
+        "val": _dataset(manifest_uri, eval_spec(manifest, "val", cfg), num_cpus=cfg.train.data_cpus,
+                        decoded=decoded.get("val")),
         "test": _dataset(manifest_uri, eval_spec(manifest, "test", cfg), num_cpus=cfg.train.data_cpus),
     }
 

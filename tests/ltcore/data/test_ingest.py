@@ -6,14 +6,19 @@ import sys
 import tempfile
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
+from ltcore import storage
+from ltcore.data import ingest
 from ltcore.data.ingest import (
     EpochClock,
     IngestSpec,
     build_dataset,
     cut_shards,
+    decode_split,
+    decoded_size_bound,
     epoch_histogram,
     iter_epoch_local,
     normalize_batch,
@@ -307,3 +312,63 @@ def test_ray_train_v2_two_workers(ray_session, fake_version, tmp_path):
         # class-balanced: expected 19/3 = 6.3 per class; the rare class has 2 rows with r = 3.17 each
         assert total.min() >= 4
     assert hists[0]["total"] != hists[1]["total"]  # re-drawn per epoch (seed 9 plans [5, 7, 7] then [7, 7, 6])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a split decoded once
+
+
+def _view_fingerprints(batches):
+    """Sorted (label, image sum, image2 sum) per row: the epoch as a multiset of rows and augmented views."""
+    cols = {k: torch.cat([torch.as_tensor(b[k]) for b in batches]) for k in ("image", "image2", "label")}
+    sums = [cols[k].double().sum(dim=(1, 2, 3)).tolist() for k in ("image", "image2")]
+    return sorted(zip(cols["label"].tolist(), *sums))
+
+
+def _assert_same_rows(got, want):
+    assert [g[0] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose(np.array([g[1:] for g in got]), np.array([w[1:] for w in want]), rtol=0, atol=1e-2)
+
+
+def test_decoded_rows_give_the_local_epoch_without_ray(fake_version):
+    """The cached path's two steps (decode once; per epoch draw + augment) as plain functions: the very rows and
+    augmented images of the streaming path's local iterator, in both views, for two epochs."""
+    version = ingest._version(fake_version, "train")
+    s3 = storage.S3Options().resolved()
+    blocks = [ingest._read_decode_shards(pa.table({"uri": [u]}), s3=s3) for u in version.shards]
+    first = blocks[0].to_pylist()[0]
+    assert first["height"] >= 8 and len(first["pixels"]) == 3 * first["height"] * first["width"]
+    spec = IngestSpec(split="train", views=("weak", "strong"), image_size=16, q=0.0, seed=3)
+    hists = []
+    for epoch in (0, 1):
+        batches = [b for block in blocks for b in ingest._augment_decoded(
+            block, spec=spec, counts=version.counts, epoch_source=epoch, normalize=True, batch_size=4)]
+        local, hist = _local_epoch(fake_version, spec, epoch)
+        _assert_same_rows(_view_fingerprints(batches), _view_fingerprints(local))
+        hists.append(hist.tolist())
+    assert hists[0] != hists[1]  # re-drawn per epoch, not a frozen first epoch
+
+
+def test_decoded_size_bound_from_the_manifest(fake_version):
+    version = ingest._version(fake_version, "train")
+    assert decoded_size_bound(fake_version, "train") == 19 * 3 * version.image_size ** 2 * 2
+
+
+@pytest.mark.ray
+def test_ray_decoded_split_matches_streaming_and_keeps_slots_busy(ray_session, fake_version):
+    decoded = decode_split(fake_version, "train", num_cpus=0.5)
+    # 2 shards on a 2-CPU Ray with 0.5-CPU tasks: cut into 2 x 4 slots = 8 blocks, once
+    assert decoded.rows == 19 and decoded.dataset.num_blocks() == 8
+    assert 0 < decoded.nbytes <= decoded_size_bound(fake_version, "train")
+    spec = IngestSpec(split="train", views=("weak", "strong"), image_size=16, q=0.0, seed=3)
+    clock = EpochClock()
+    ds = build_dataset(fake_version, spec, epoch_source=clock, num_cpus=0.5, decode_batch_size=4, normalize=False,
+                       decoded=decoded)
+    for epoch in (0, 1):
+        clock.set_epoch(epoch)
+        batches = list(ds.iter_torch_batches(batch_size=8, collate_fn=normalize_collate_fn()))
+        assert batches[0]["image"].dtype == torch.float32
+        local, _ = _local_epoch(fake_version, spec, epoch)
+        _assert_same_rows(_view_fingerprints(batches), _view_fingerprints(local))
+    with pytest.raises(ValueError, match="holds split 'train'"):
+        build_dataset(fake_version, IngestSpec(split="val", views=("test",)), decoded=decoded)
