@@ -210,7 +210,8 @@ def _epoch_metrics(st: _Stage1, epoch: int, summed: tuple[np.ndarray, list[str]]
     metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_all / max(1, seen_all)),
                                "train_images": int(seen_all), "train_time_s": train_time,
                                "throughput_img_s": float(seen_all / max(train_time, 1e-9)),
-                               "train_class_histogram": [int(x) for x in hist_all]}
+                               "train_class_histogram": [int(x) for x in hist_all],
+                               "torch_threads": torch.get_num_threads()}  # this worker's intra-op threads
     metrics.update({k: float(v / max(1, seen_all)) for k, v in zip(names, extra_values)})
     # This worker's split of train_time_s; "other" is the rest (bookkeeping, the epoch's all-reduce, set_epoch).
     steps = {f"time_{k}_s": timer.seconds.get(k, 0.0) for k in TRAIN_PHASES}
