@@ -23,6 +23,7 @@ from ltcore.config import Config, from_dict
 from ltcore.engine import checkpoint as ckpt
 from ltcore.engine import dist
 from ltcore.engine.worker import (
+    PhaseTimer,
     Progress,
     TrainModule,
     autocast,
@@ -48,6 +49,8 @@ from ltcore.methods.icc_calibrator import IccCalibrator
 from ltcore.methods.recipes import Stage1Recipe
 
 VAL_KEYS = ("accuracy", "balanced_accuracy", "macro_f1")
+# the phases of a training epoch that PhaseTimer measures (each reported as time_<phase>_s)
+TRAIN_PHASES = ("data_wait", "forward_backward", "optimizer")
 
 # ---------------------------------------------------------------------------------------------------------------
 # stage 1
@@ -72,34 +75,55 @@ class _Stage1:
 
 
 def stage1_loop(loop_config: dict[str, Any]) -> None:
-    """Ray Train worker function for stage 1. loop_config: cfg (dict), classes, train_counts, epoch_clock."""
+    """Ray Train worker function for stage 1. loop_config: cfg (dict), classes, train_counts, epoch_clock.
+
+    Each epoch's metrics carry this worker's time breakdown (Ray Train keeps rank 0's): ``time_data_wait_s``,
+    ``time_forward_backward_s``, ``time_optimizer_s`` and ``time_other_s`` (the rest of ``train_time_s``:
+    per-step bookkeeping, the epoch's all-reduce), ``time_val_s`` (val predictions + metrics) and
+    ``time_prev_checkpoint_s``: the *previous* epoch's checkpoint (state dict, save, ``ray.train.report``), which
+    is only known once that report has returned; absent in a run's (or a resume's) first epoch. The final
+    epoch's checkpoint time is logged after its report.
+    """
     st = _stage1_setup(loop_config)
     if st is None:
         return  # the run had finished already; its checkpoint was reported again
+    prev_checkpoint_s: float | None = None
     for epoch in range(st.start_epoch, st.cfg.stage1.epochs):
+        timer = PhaseTimer()
         t0 = time.perf_counter()
         loop_config["epoch_clock"].set_epoch(epoch)  # before iterating: this epoch's draws and augmentations
-        summed = _train_epoch(st, epoch)
-        metrics = _epoch_metrics(st, epoch, summed, time.perf_counter() - t0)
-        probs, labels = predict_shard(st.model, "val", st.cfg.train.eval_batch_size, st.device)
-        if dist.is_main() and len(labels):
-            m = eval_metrics(st.cfg, probs, labels, st.classes, st.counts)
-            metrics.update({f"val_{k}": m[k] for k in VAL_KEYS})
+        summed = _train_epoch(st, epoch, timer)
+        metrics = _epoch_metrics(st, epoch, summed, time.perf_counter() - t0, timer)
+        with timer.phase("val"):
+            probs, labels = predict_shard(st.model, "val", st.cfg.train.eval_batch_size, st.device)
+            if dist.is_main() and len(labels):
+                m = eval_metrics(st.cfg, probs, labels, st.classes, st.counts)
+                metrics.update({f"val_{k}": m[k] for k in VAL_KEYS})
+        metrics["time_val_s"] = timer.seconds["val"]
+        if prev_checkpoint_s is not None:
+            metrics["time_prev_checkpoint_s"] = prev_checkpoint_s
         _log_epoch(st, epoch, metrics)
         predictions = None
         if epoch == st.cfg.stage1.epochs - 1:  # the final model's gathered val/test predictions, for the report
             tp, ty = predict_shard(st.model, "test", st.cfg.train.eval_batch_size, st.device)
             predictions = {"val_probs": probs, "val_labels": labels, "test_probs": tp, "test_labels": ty}
-        state: dict[str, Any] | None = None
-        meta: dict[str, Any] | None = None
-        if dist.is_main():
-            state = {"model": unwrap(st.model).state_dict(), "extra": st.extra.state_dict(),
-                     "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-                     "epoch": epoch, "best": st.best, "history": st.history,
-                     "sampler": {"seed": st.cfg.train.seed, "epoch": epoch}}
-            meta = model_meta(st.cfg, st.classes, unwrap(st.model), "stage1")
-            meta["checkpoint_id"] = ckpt.new_checkpoint_id()
+        t_ckpt = time.perf_counter()
+        state, meta = _stage1_state(st, epoch) if dist.is_main() else (None, None)
         save_and_report(metrics, state, meta, predictions)
+        prev_checkpoint_s = time.perf_counter() - t_ckpt
+    if prev_checkpoint_s is not None:
+        log(f"[stage1] final checkpoint saved and reported ({prev_checkpoint_s:.1f} s)")
+
+
+def _stage1_state(st: _Stage1, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Rank 0's checkpoint of the epoch just trained: (state, meta)."""
+    state = {"model": unwrap(st.model).state_dict(), "extra": st.extra.state_dict(),
+             "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+             "epoch": epoch, "best": st.best, "history": st.history,
+             "sampler": {"seed": st.cfg.train.seed, "epoch": epoch}}
+    meta = model_meta(st.cfg, st.classes, unwrap(st.model), "stage1")
+    meta["checkpoint_id"] = ckpt.new_checkpoint_id()
+    return state, meta
 
 
 def _stage1_setup(loop_config: dict[str, Any]) -> _Stage1 | None:
@@ -147,23 +171,26 @@ def _stage1_setup(loop_config: dict[str, Any]) -> _Stage1 | None:
     return st
 
 
-def _train_epoch(st: _Stage1, epoch: int) -> tuple[np.ndarray, list[str]]:
+def _train_epoch(st: _Stage1, epoch: int, timer: PhaseTimer) -> tuple[np.ndarray, list[str]]:
     """One epoch of steps on this worker; returns, summed over all workers: the class histogram of the drawn
-    labels, the summed loss, the number of images, and each recipe log value summed; and the log values' names."""
+    labels, the summed loss, the number of images, and each recipe log value summed; and the log values' names.
+    ``timer`` gets this worker's ``data_wait``, ``forward_backward`` and ``optimizer`` seconds."""
     st.model.train()
     st.recipe.start_epoch(epoch)
     hist = np.zeros(len(st.classes), np.int64)
     loss_sum, n_seen = 0.0, 0
     logs_sum: dict[str, float] = {}
     progress = Progress(f"[stage1] epoch {epoch + 1}/{st.cfg.stage1.epochs}", st.cfg.train.progress_every_s)
-    for batch in train_batches(st.cfg, st.recipe, epoch):
-        batch = to_device(batch, st.device)
-        with autocast(st.device):
+    for batch in timer.batches(train_batches(st.cfg, st.recipe, epoch), st.device):
+        with timer.phase("forward_backward"), autocast(st.device):
             loss, logs = st.recipe.loss(st.model, batch, epoch)
-        st.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        st.optimizer.step()
-        st.recipe.after_step(unwrap(st.model))
+        with timer.phase("optimizer"):
+            st.optimizer.zero_grad(set_to_none=True)
+        with timer.phase("forward_backward"):
+            loss.backward()
+        with timer.phase("optimizer"):
+            st.optimizer.step()
+            st.recipe.after_step(unwrap(st.model))
         bs, value = int(batch["label"].shape[0]), float(loss.detach())
         hist += np.bincount(batch["label"].cpu().numpy(), minlength=len(st.classes))
         loss_sum, n_seen = loss_sum + value * bs, n_seen + bs
@@ -176,14 +203,19 @@ def _train_epoch(st: _Stage1, epoch: int) -> tuple[np.ndarray, list[str]]:
     return dist.all_reduce_sum(np.concatenate([hist, [loss_sum, n_seen], [logs_sum[k] for k in names]])), names
 
 
-def _epoch_metrics(st: _Stage1, epoch: int, summed: tuple[np.ndarray, list[str]], train_time: float) -> dict:
+def _epoch_metrics(st: _Stage1, epoch: int, summed: tuple[np.ndarray, list[str]], train_time: float,
+                   timer: PhaseTimer) -> dict:
     (totals, names), c = summed, len(st.classes)
     hist_all, loss_all, seen_all, extra_values = totals[:c], totals[c], totals[c + 1], totals[c + 2:]
     metrics: dict[str, Any] = {"epoch": epoch, "train_loss": float(loss_all / max(1, seen_all)),
                                "train_images": int(seen_all), "train_time_s": train_time,
                                "throughput_img_s": float(seen_all / max(train_time, 1e-9)),
-                               "train_class_histogram": [int(x) for x in hist_all]}
+                               "train_class_histogram": [int(x) for x in hist_all],
+                               "torch_threads": torch.get_num_threads()}  # this worker's intra-op threads
     metrics.update({k: float(v / max(1, seen_all)) for k, v in zip(names, extra_values)})
+    # This worker's split of train_time_s; "other" is the rest (bookkeeping, the epoch's all-reduce, set_epoch).
+    steps = {f"time_{k}_s": timer.seconds.get(k, 0.0) for k in TRAIN_PHASES}
+    metrics.update(steps, time_other_s=max(0.0, train_time - sum(steps.values())))
     st.history.append(metrics["train_loss"])
     metrics["train_loss_history"] = list(st.history)
     return metrics
@@ -191,10 +223,13 @@ def _epoch_metrics(st: _Stage1, epoch: int, summed: tuple[np.ndarray, list[str]]
 
 def _log_epoch(st: _Stage1, epoch: int, metrics: dict[str, Any]) -> None:
     nan = float("nan")
+    ckpt_part = f", prev ckpt {metrics['time_prev_checkpoint_s']:.1f} s" if "time_prev_checkpoint_s" in metrics else ""
     log(f"[stage1] epoch {epoch + 1}/{st.cfg.stage1.epochs} loss {metrics['train_loss']:.4f} "
         f"val acc {metrics.get('val_accuracy', nan):.4f} bal-acc {metrics.get('val_balanced_accuracy', nan):.4f} "
-        f"({metrics['train_time_s']:.1f} s, {metrics['throughput_img_s']:.0f} img/s) "
-        f"draws/class {metrics['train_class_histogram']}")
+        f"({metrics['train_time_s']:.1f} s, {metrics['throughput_img_s']:.0f} img/s: "
+        f"data {metrics['time_data_wait_s']:.1f} s, compute {metrics['time_forward_backward_s']:.1f} s, "
+        f"optim {metrics['time_optimizer_s']:.1f} s, other {metrics['time_other_s']:.1f} s; "
+        f"val {metrics['time_val_s']:.1f} s{ckpt_part}) draws/class {metrics['train_class_histogram']}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -202,6 +202,48 @@ class Progress:
             self.last = now
             log(f"{self.tag} step {self.steps}: {self.images} images on this worker, "
                  f"{self.images / (now - self.t0):.0f} img/s, mean loss {self.loss_sum / max(1, self.images):.4f}")
+
+
+class PhaseTimer:
+    """Seconds per phase of an epoch (``data_wait``, ``forward_backward``, ``optimizer``, ...), summed over steps.
+
+    Plain ``time.perf_counter()`` around each phase, with no synchronisation added: on CPU every phase's time is
+    its own. On CUDA kernels run asynchronously and no per-step ``cuda.synchronize`` is added (it would slow the
+    loop it measures), so the split of GPU work is approximate: a phase counts the time to launch its kernels,
+    and the GPU time lands where the host next waits for it (``float(loss)`` in the step's bookkeeping, or the
+    next batch's copy). The sum over phases and the epoch's wall time stay exact.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as phase ``name``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def batches(self, batches: Iterable[dict[str, Any]], device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+        """``batches`` moved to ``device``; the time blocked in ``next()`` plus the copy is ``data_wait``.
+
+        What the caller does between two batches is not counted here: the generator is suspended then.
+        """
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            if batch is None:
+                self.add("data_wait", time.perf_counter() - t0)
+                return
+            moved = to_device(batch, device)
+            self.add("data_wait", time.perf_counter() - t0)
+            yield moved
 
 
 def build_optimizer(cfg: Config, params: Any) -> torch.optim.Optimizer:

@@ -48,3 +48,43 @@ def test_setup_logging_adds_one_handler():
     root = logging.getLogger("ltcore")
     assert sum(getattr(h, "_ltcore", False) for h in root.handlers) == 1
     assert root.level == logging.INFO and root.propagate is False
+
+
+def test_phase_timer_splits_data_wait_from_the_step():
+    import time
+
+    import numpy as np
+    import torch
+
+    from ltcore.engine.worker import PhaseTimer
+
+    def slow_batches(n):  # blocks 0.05 s in every next(), like a starved input pipeline
+        for i in range(n):
+            time.sleep(0.05)
+            yield {"image": np.zeros((2, 3, 4, 4), np.uint8), "label": np.array([i, i])}
+
+    timer = PhaseTimer()
+    seen = []
+    for batch in timer.batches(slow_batches(3), torch.device("cpu")):
+        seen.append(batch["image"].dtype)  # moved and normalised: uint8 -> float32, as to_device does
+        with timer.phase("forward_backward"):
+            time.sleep(0.2)  # the step: must not be counted as data wait (the generator is suspended)
+        with timer.phase("optimizer"):
+            pass
+    assert seen == [torch.float32] * 3
+    s = timer.seconds
+    # 3 x 0.05 s of waiting; had the 3 x 0.2 s steps been counted too it would be >= 0.75 s
+    assert 0.15 <= s["data_wait"] < 0.15 + 0.25
+    assert s["forward_backward"] >= 0.6
+    assert s["optimizer"] < 0.05  # an empty phase costs ~microseconds
+
+
+def test_phase_timer_adds_repeated_phases():
+    from ltcore.engine.worker import PhaseTimer
+
+    timer = PhaseTimer()
+    timer.add("optimizer", 0.25)
+    timer.add("optimizer", 0.5)
+    with timer.phase("val"):
+        pass
+    assert timer.seconds["optimizer"] == 0.75 and 0.0 <= timer.seconds["val"] < 0.05
