@@ -37,8 +37,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
         start_local(num_cpus=num_cpus, **quiet)
     logging.getLogger("ray").setLevel(level)
-    # Ray Data's progress bars only on a terminal (Ray workers would otherwise draw them into the driver's log).
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    # Ray Data's progress bars and its per-execution "Starting execution ... Execution plan ..." lines only on a
+    # terminal (every epoch is an execution; Ray workers would otherwise write them into the driver's log).
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = ctx.print_on_execution_start = sys.stderr.isatty()
 
 
 # A local Ray's processes must find their own cluster when they look one up without an address: Ray Train's
