@@ -268,7 +268,7 @@ class TrainConfig:
     # Decode stage 1's train and val splits once into Ray's object store and draw + augment from there each epoch
     # (no JPEG decode per epoch): auto = when their size bound fits ltcore.data.ingest.CACHE_SHARE of the object
     # store; yes = always (the run fails if they do not fit); no = decode from the shards every epoch (streaming).
-    cache_decoded: Literal["auto", "yes", "no"] = "auto"
+    cache_decoded: Literal["auto", "yes", "no"] = "no"  # "auto" once benchmarked and run through the full suite
     # Intra-op threads per worker; 0 = Ray's default (one per CPU the worker reserves). On a small CPU machine
     # where decoding needs less than the CPUs set aside for it, more threads use the idle cores.
     torch_threads: int = field(default=0, metadata=check(ge(0, "0 = one per worker CPU")))
