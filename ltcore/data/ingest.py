@@ -358,11 +358,13 @@ def _read_shards(batch: pa.Table, *, spec: IngestSpec, counts: tuple[int, ...], 
     Output columns ``id``, ``image``, ``label`` and ``rep`` (copy index 0..r_i-1); with ``shuffle`` the rows come in
     a random order, the same order the local iterator gives them.
     """
-    tables = []
-    for uri in batch.column("uri").to_pylist():
-        fs, path = storage.arrow_fs(uri, s3)
-        tables.append(pq.read_table(path, filesystem=fs, columns=READ_COLUMNS))
-    return _resample(pa.concat_tables(tables), spec, counts, epoch_source)
+    return _resample(_read_uris(batch, s3), spec, counts, epoch_source)
+
+
+def _read_uris(batch: pa.Table, s3: storage.S3Options) -> pa.Table:
+    """The rows (:data:`READ_COLUMNS`) of the shard(s) named in ``batch["uri"]``, in that order."""
+    return pa.concat_tables([pq.read_table(path, filesystem=fs, columns=READ_COLUMNS)
+                             for fs, path in (storage.arrow_fs(u, s3) for u in batch.column("uri").to_pylist())])
 
 
 def _resample(block: pa.Table, spec: IngestSpec, counts: tuple[int, ...], epoch_source: EpochSource | None
@@ -472,8 +474,7 @@ def decode_split(manifest: Any, split: str, *, num_cpus: float = 1.0, s3: storag
 
 def _read_decode_shards(batch: pa.Table, *, s3: storage.S3Options) -> pa.Table:
     """Ray UDF: the shard(s) named in ``batch["uri"]`` decoded: ``id``, ``label``, ``pixels``, ``height``, ``width``."""
-    block = pa.concat_tables([pq.read_table(path, filesystem=fs, columns=READ_COLUMNS)
-                              for fs, path in (storage.arrow_fs(u, s3) for u in batch.column("uri").to_pylist())])
+    block = _read_uris(batch, s3)
     images = [decode_image(data) for data in block.column("image").to_pylist()]  # each (3, H, W) uint8
     return pa.table({
         "id": block.column("id"), "label": block.column("label"),
@@ -500,10 +501,7 @@ def _augment_decoded(block: pa.Table, *, spec: IngestSpec, counts: tuple[int, ..
     """Ray UDF over a decoded block: the epoch's draws and order, then the augmentation, ``batch_size`` rows at a
     time (the same rows and images as the streaming path)."""
     epoch = resolve_epoch(epoch_source) if spec.needs_epoch else None
-    if spec.resamples or spec.shuffle:
-        idx, copy = _draw(block, spec, counts, 0 if epoch is None else epoch)
-    else:
-        idx, copy = np.arange(block.num_rows), np.zeros(block.num_rows, np.int64)
+    idx, copy = _draw(block, spec, counts, 0 if epoch is None else epoch)
     augment = _Augmenter(spec, normalize=normalize)
     for start in range(0, idx.size, batch_size):
         part = block.take(pa.array(idx[start : start + batch_size], pa.int64()))
