@@ -10,7 +10,7 @@ The HAM10000 protocol of issue 14 (all images, 128 px, pretrained EfficientNet-L
 side; the plain loop and the 1-worker run), in one command:
 
     python benchmarks/train_overhead.py --images 0 --image-size 128 --backbone tf_efficientnet_lite0 \
-        --pretrained package --torch-threads 2 --epochs 2 --runs plain,ray1
+        --pretrained package --torch-threads 2 --epochs 2 --runs plain,ray1,ray1c
 
 Run from the repository root (``ltcore/configs/ham10000_ce.yaml`` finds the data at ``../shared/data/ham10000``).
 Target: 1-worker Ray Train epoch <= 1.10x the plain loop's.
@@ -27,8 +27,10 @@ sampling (every row once per epoch, shuffled), on CPU. Ray is started once with 
   split's rows read from the Parquet shards (encoded bytes in memory), ``decode_image`` +
   ``build_transform("weak", S)`` per item, ``shuffle=True``, no pinning; the loop is forward, CE, backward, SGD
   step.
-- ``ray1``: ``ltcore.engine.trainer.run_stage1`` with 1 worker x 1 CPU and Ray Data tasks of 0.5 CPU.
-- ``ray2``: the same with 2 workers x 0.5 CPU (DDP over gloo).
+- ``ray1``: ``ltcore.engine.trainer.run_stage1`` with 1 worker x 1 CPU and Ray Data tasks of 0.5 CPU, streaming
+  ingest (``train.cache_decoded=no``: every epoch reads and decodes the shards).
+- ``ray1c``: the same with the splits decoded once into Ray's object store (``train.cache_decoded=yes``).
+- ``ray2``: ``ray1`` with 2 workers x 0.5 CPU (DDP over gloo).
 
 Threads. ``--torch-threads N`` (N > 0) gives both sides N intra-op torch threads: the plain loop by
 ``torch.set_num_threads(N)``, ltcore by ``train.torch_threads=N``. ``0`` (default) is the earlier protocol: the
@@ -89,7 +91,7 @@ from ltcore.engine.worker import PhaseTimer  # noqa: E402
 from ltcore.models import build_model  # noqa: E402
 
 TARGET_RAY1_OVER_PLAIN = 1.10
-RUNS = ("plain", "ray1", "ray2")
+RUNS = ("plain", "ray1", "ray1c", "ray2")
 # per-epoch breakdown keys, as ltcore's stage-1 loop reports them (the plain loop records the same first four)
 STEP_KEYS = ("time_data_wait_s", "time_forward_backward_s", "time_optimizer_s", "time_other_s")
 RAY_KEYS = (*STEP_KEYS, "time_val_s", "time_prev_checkpoint_s")
@@ -176,7 +178,7 @@ def plain_epoch(model: nn.Module, opt: torch.optim.Optimizer, loader: Any, epoch
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (b), (c) ltcore on Ray Train
+# ltcore on Ray Train (ray1, ray1c, ray2)
 
 
 def run_ray(cfg: Config, manifest_uri: str, manifest: Manifest, storage_root: str) -> tuple[list[dict], float]:
@@ -285,7 +287,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=0, help="intra-op torch threads on both sides (plain: "
                    "torch.set_num_threads, ltcore: train.torch_threads); 0 = plain 1, ltcore Ray's default")
     p.add_argument("--dataloader-workers", type=int, default=1, help="worker processes of the plain loop's DataLoader")
-    p.add_argument("--runs", type=parse_runs, default=list(RUNS), help="which runs, comma-separated: plain,ray1,ray2")
+    p.add_argument("--runs", type=parse_runs, default=list(RUNS),
+                   help="which runs, comma-separated: plain,ray1,ray1c,ray2")
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray started here (ignored with RAY_ADDRESS)")
     p.add_argument("--work-dir", default="./ltcore-runs/bench-datasets", help="data.output: where the version goes")
     p.add_argument("--storage", default="./ltcore-runs/bench-overhead", help="train.storage: where the runs go")
@@ -341,15 +344,18 @@ def main() -> int:
         epochs["plain"], fit_s = run_plain(cfg, manifest, plain_threads, args.dataloader_workers)
         rows["plain"] = {"label": f"plain torch loop (DataLoader, {args.dataloader_workers} worker(s))",
                          **summarize(epochs["plain"], fit_s), "dataloader_workers": args.dataloader_workers}
-    for name, workers, cpus in (("ray1", 1, 1.0), ("ray2", 2, 0.5)):
+    for name, workers, cpus, cache in (("ray1", 1, 1.0, "no"), ("ray1c", 1, 1.0, "yes"), ("ray2", 2, 0.5, "no")):
         if name not in args.runs:
             continue
-        print(f"[bench] ({'b' if workers == 1 else 'c'}) ltcore on Ray Train, {workers} worker(s) x {cpus:g} CPU, "
-              f"train.torch_threads={args.torch_threads}", flush=True)
-        run_cfg = replace(cfg, **{"train.num_workers": workers, "train.cpus_per_worker": cpus})
+        how = "decoded once (train.cache_decoded=yes)" if cache == "yes" else "streaming"
+        print(f"[bench] ({name}) ltcore on Ray Train, {workers} worker(s) x {cpus:g} CPU, "
+              f"train.torch_threads={args.torch_threads}, ingest {how}", flush=True)
+        run_cfg = replace(cfg, **{"train.num_workers": workers, "train.cpus_per_worker": cpus,
+                                  "train.cache_decoded": cache})
         epochs[name], fit_s = run_ray(run_cfg, manifest_uri, manifest, args.storage)
-        rows[name] = {"label": f"ltcore on Ray Train, {workers} worker(s) x {cpus:g} CPU",
-                      **summarize(epochs[name], fit_s), "ray_data_task_cpus": cfg.train.data_cpus}
+        rows[name] = {"label": f"ltcore on Ray Train, {workers} worker(s) x {cpus:g} CPU, {how}",
+                      **summarize(epochs[name], fit_s), "ray_data_task_cpus": cfg.train.data_cpus,
+                      "cache_decoded": cache}
     ratios: dict[str, Any] = {}
     if "plain" in rows:
         for name, r in rows.items():

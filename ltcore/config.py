@@ -268,10 +268,15 @@ class TrainConfig:
     # Decode stage 1's train and val splits once into Ray's object store and draw + augment from there each epoch
     # (no JPEG decode per epoch): auto = when their size bound fits ltcore.data.ingest.CACHE_SHARE of the object
     # store; yes = always (the run fails if they do not fit); no = decode from the shards every epoch (streaming).
-    cache_decoded: Literal["auto", "yes", "no"] = "no"  # "auto" once benchmarked and run through the full suite
+    cache_decoded: Literal["auto", "yes", "no"] = "auto"
     # Intra-op threads per worker; 0 = Ray's default (one per CPU the worker reserves). On a small CPU machine
     # where decoding needs less than the CPUs set aside for it, more threads use the idle cores.
     torch_threads: int = field(default=0, metadata=check(ge(0, "0 = one per worker CPU")))
+    # glibc malloc settings for the Train workers (ltcore.engine.trainer.WORKER_MALLOC_ENV: one arena, no trimming,
+    # a 1 GiB top pad): each step's activations reuse the heap instead of being faulted in again. Measured 1.3x the
+    # images/s of a training step on CPU (benchmarks/README.md); a variable set in the driver's environment keeps
+    # the driver's value. No effect on other allocators (LD_PRELOAD'ed jemalloc/tcmalloc) or off Linux.
+    tune_malloc: bool = True
     # A progress line from the first worker every this many seconds within an epoch (0 = per-epoch lines only).
     progress_every_s: float = field(default=60.0, metadata=check(ge(0, "0 = off")))
     # How Ray places the workers' bundles (Ray's placement-group strategies): PACK fills a node first, SPREAD
