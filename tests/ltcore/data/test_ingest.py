@@ -349,6 +349,11 @@ def test_decoded_rows_give_the_local_epoch_without_ray(fake_version):
     assert hists[0] != hists[1]  # re-drawn per epoch, not a frozen first epoch
 
 
+@pytest.mark.parametrize(("shards", "slots", "blocks"), [(21, 2, 22), (22, 2, 22), (2, 4, 8), (9, 4, 12), (1, 1, 2)])
+def test_decoded_split_blocks_are_a_multiple_of_the_slots(shards, slots, blocks):
+    assert ingest._decoded_blocks(shards, slots) == blocks
+
+
 def test_decoded_size_bound_from_the_manifest(fake_version):
     version = ingest._version(fake_version, "train")
     assert decoded_size_bound(fake_version, "train") == 19 * 3 * version.image_size ** 2 * 2
