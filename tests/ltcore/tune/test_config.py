@@ -30,6 +30,15 @@ def test_demo_study_loads():
     assert not searches_data(study)
 
 
+def test_ham10000_study_loads_and_its_trials_are_valid_run_configs():
+    study, base = load_study(str(REPO / "ltcore" / "configs" / "study_ham10000.yaml"))
+    assert study.trials == 8 and study.concurrency == 1 and study.scheduler.kind == "asha"
+    assert [s.key for s in study.space] == ["stage1.loss.la_tau", "stage1.q"]
+    assert base.stage1.method == "logit_adjusted" and base.stage1.epochs == 2 and base.train.torch_threads == 2
+    cfg = trial_config(base, {"stage1.loss.la_tau": 0.5, "stage1.q": 0.25}, storage="/tmp/study", run_id="t0")
+    assert cfg.stage1.loss.la_tau == 0.5 and cfg.stage1.q == 0.25
+
+
 def test_run_prefixed_overrides_go_to_the_run_config(tmp_path):
     path = write(tmp_path, "space: [{key: stage1.q, dist: uniform, low: 0, high: 1}]\n")
     study, base = load_study(path, ["trials=3", "run.stage1.epochs=5"])
