@@ -8,6 +8,9 @@ from import time to call time). Imports under ``if TYPE_CHECKING:`` do not count
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "ltcore"
@@ -62,10 +65,22 @@ def imported_names(source: str, module: str, is_package: bool) -> set[str]:
     return names
 
 
-def import_graph(root: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """``(edges between the package's modules, every imported name per module)``."""
+def _parse_all(root: Path) -> dict[str, set[str]]:
     paths = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
-    raw = {m: imported_names(p.read_text(), m, p.name == "__init__.py") for m, p in paths.items()}
+    return {m: imported_names(p.read_text(), m, p.name == "__init__.py") for m, p in paths.items()}
+
+
+def import_graph(root: Path) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """``(edges between the package's modules, every imported name per module)``.
+
+    The files are parsed in a fresh interpreter (this file run as a script): CPython 3.11 keeps the AST
+    constructor's recursion counter per interpreter, so a parse racing another thread of the test process (Ray's
+    driver threads, once the session's Ray is up) can fail with "AST constructor recursion depth mismatch"
+    (python/cpython#106905), which says nothing about the package.
+    """
+    out = subprocess.run([sys.executable, __file__, str(root)], capture_output=True, text=True, check=True)
+    raw = {m: set(names) for m, names in json.loads(out.stdout).items()}
+    paths = set(raw)
     edges = {m: {n for n in names if n in paths and n != m} for m, names in raw.items()}
     return edges, raw
 
@@ -166,3 +181,7 @@ def test_the_checks_find_a_circle_and_a_stray_ray_import(tmp_path):
     assert ray_importers(raw) == {"ltcore.losses.ce"}
     assert not _allowed("ltcore.losses.ce") and _allowed("ltcore.engine.loops") and _allowed("ltcore.cli")
     assert not _allowed("ltcore.client") and _allowed("ltcore.entry.train")
+
+
+if __name__ == "__main__":  # import_graph's parser process: every imported name per module of sys.argv[1], as JSON
+    print(json.dumps({m: sorted(names) for m, names in _parse_all(Path(sys.argv[1])).items()}))

@@ -31,7 +31,8 @@ def test_stage1_datasets_apply_the_policy(monkeypatch, overrides, expected):
     from ltcore.engine import trainer
 
     monkeypatch.setattr(trainer, "_dataset", lambda uri, spec, **kw: spec)  # the spec instead of a Ray dataset
-    cfg = load_config(None, ["train.seed=7", "stage1.epochs=5", *overrides])
+    # the toy manifest has no shards to decode: the streams' specs are what is checked, not the decoded cache
+    cfg = load_config(None, ["train.seed=7", "stage1.epochs=5", "train.cache_decoded=no", *overrides])
     out = trainer.stage1_datasets(cfg, "mem://manifest.json", _manifest(), clock=None)  # type: ignore[arg-type]
     assert set(out) == {*expected, "val", "test"}
     for name, (q, progressive, seed) in expected.items():
