@@ -8,6 +8,11 @@
       - {key: stage1.loss.label_smoothing, dist: choice, values: [0.0, 0.1]}
     objectives: [{metric: val_balanced_accuracy, mode: max}]
 
+The space may also search whole run configs: ``{key: run_config, dist: grid, values: [ham10000_ce.yaml,
+ham10000_focal.yaml]}`` gives each trial the named file (relative to ``run_config_dir``, by default the study
+file's folder) with ``run_overrides`` applied, then the other searched values: a method comparison is a grid
+study (``benchmarks/quality_ham10000.py``). The files are read once on the driver; trials get the loaded configs.
+
 Loaded with the same typed loader as run configs (``ltcore.config``): an unknown field or a value of the wrong
 type is a one-line :class:`ConfigError`; :func:`check_study` adds the checks that need the run config (every
 searched key exists there and takes the distribution's values). Nothing here imports Ray.
@@ -15,6 +20,7 @@ searched key exists there and takes the distribution's values). Nothing here imp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import posixpath
 from dataclasses import dataclass, field
@@ -76,6 +82,8 @@ class StudyConfig:
     trials: int = 8  # trials drawn (optuna, random); a grid runs each combination once
     concurrency: int = 2
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # folder the run_config names (the field and the searched values) are relative to; empty = the study file's
+    run_config_dir: str = ""
     storage: str = "./ltcore-runs/studies"  # the study is written under <storage>/<name>/
     # A trial whose training workers get no resources within this many seconds fails (rather than wait forever).
     resource_timeout_s: float = 300.0
@@ -83,6 +91,7 @@ class StudyConfig:
 
 
 RUN_PREFIX = "run."  # command-line overrides with this prefix go to the run config, the rest to the study
+RUN_CONFIG_KEY = "run_config"  # a space entry with this key searches whole run config files
 
 
 def load_study(path: str | None, overrides: list[str] | None = None,
@@ -95,12 +104,51 @@ def load_study(path: str | None, overrides: list[str] | None = None,
     overrides = list(overrides or [])
     run_extra = [o[len(RUN_PREFIX):] for o in overrides if o.startswith(RUN_PREFIX)]
     study = load_config(path, [o for o in overrides if not o.startswith(RUN_PREFIX)], cls=StudyConfig)
-    run_path = study.run_config
-    if run_path and path and "://" not in run_path and not posixpath.isabs(run_path):
-        run_path = posixpath.join(posixpath.dirname(path), run_path)
-    base = load_config(run_path or default_run_config or None, [*study.run_overrides, *run_extra])
+    # The run.* overrides join run_overrides (every trial's config, searched files included, gets them), and the
+    # run config names are resolved against the study file's folder unless run_config_dir says otherwise.
+    study = dataclasses.replace(study, run_overrides=(*study.run_overrides, *run_extra),
+                                run_config_dir=study.run_config_dir or (posixpath.dirname(path) if path else ""))
+    searched = variant_configs(study)
+    if study.run_config:
+        base = load_config(run_config_path(study, study.run_config), list(study.run_overrides))
+    elif searched:
+        base = next(iter(searched.values()))
+    else:
+        base = load_config(default_run_config or None, list(study.run_overrides))
     check_study(study, base)
     return study, base
+
+
+def run_config_path(study: StudyConfig, name: str) -> str:
+    """A run config name of the study (its ``run_config``, or a searched value) as a path or URI."""
+    if study.run_config_dir and "://" not in name and not posixpath.isabs(name):
+        return posixpath.join(study.run_config_dir, name)
+    return name
+
+
+def variant_configs(study: StudyConfig) -> dict[str, Config]:
+    """The run configs a ``run_config`` space entry searches, by the name the study gives them (empty when the
+    study searches no run config files), each with ``run_overrides`` applied.
+
+    Raises:
+        ConfigError: a searched file is missing or invalid, or the entry is not a grid or choice of names.
+    """
+    spec = next((s for s in study.space if s.key == RUN_CONFIG_KEY), None)
+    if spec is None:
+        return {}
+    if spec.dist not in ("grid", "choice") or not spec.values:
+        raise ConfigError(f"space {RUN_CONFIG_KEY}: search run config files with dist grid or choice and a "
+                          "non-empty 'values' list of file names")
+    out: dict[str, Config] = {}
+    for name in spec.values:
+        path = run_config_path(study, str(name))
+        try:
+            out[str(name)] = load_config(path, list(study.run_overrides))
+        except ConfigError as e:
+            raise ConfigError(f"space {RUN_CONFIG_KEY} value {name!r}: {e}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"space {RUN_CONFIG_KEY} value {name!r}: no config file at {path}") from None
+    return out
 
 
 def _check_value(base_raw: dict, spec: ParamSpec, value: Scalar) -> None:
@@ -133,6 +181,8 @@ def check_study(study: StudyConfig, base: Config) -> None:
         seen.add(spec.key)
         if spec.key.startswith(("train.run_id", "train.storage")):
             raise ConfigError(f"space: {spec.key} is set by the study for each trial and cannot be searched")
+        if spec.key == RUN_CONFIG_KEY:
+            continue  # the files were loaded and checked by variant_configs
         if spec.dist in ("choice", "grid"):
             if not spec.values:
                 raise ConfigError(f"space {spec.key}: dist {spec.dist} needs a non-empty 'values' list")
@@ -183,15 +233,20 @@ def scheduler_metric(study: StudyConfig) -> str:
 
 
 def trial_config(base: Config, params: dict[str, Scalar], *, storage: str, run_id: str, dataset: str = "") -> Config:
-    """The run config of one trial: ``base`` with the searched values, its run folder under the study, and the
-    study's shared dataset version when the trial searches nothing on the data side."""
-    overrides = [f"{k}={_text(v)}" for k, v in params.items()]
+    """The run config of one trial: ``base`` (the trial's searched run config file, when the study searches
+    files) with the searched values, its run folder under the study, and the study's shared dataset version
+    when the trial searches nothing on the data side."""
+    overrides = [f"{k}={_text(v)}" for k, v in params.items() if k != RUN_CONFIG_KEY]
     overrides += [f"train.storage={storage}", f"train.run_id={run_id}"]
     if dataset:
         overrides.append(f"dataset={dataset}")
     return from_dict(apply_overrides(to_dict(base), overrides))
 
 
-def searches_data(study: StudyConfig) -> bool:
-    """Whether trials differ in the dataset version (``data.*``): then each trial prepares its own."""
-    return any(s.key.startswith(("data.", "dataset")) for s in study.space)
+def searches_data(study: StudyConfig, base: Config | None = None) -> bool:
+    """Whether trials differ in the dataset version (a searched ``data.*``, or searched run config files whose
+    ``data``/``dataset`` differ from ``base``'s): then each trial prepares its own."""
+    if any(s.key.startswith(("data.", "dataset")) for s in study.space):
+        return True
+    return base is not None and any((v.data, v.dataset) != (base.data, base.dataset)
+                                    for v in variant_configs(study).values())

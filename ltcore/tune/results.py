@@ -18,7 +18,15 @@ from matplotlib.figure import Figure
 
 from ltcore.config import Config, dump_yaml
 from ltcore.eval.plots import save_figure
-from ltcore.tune.config import FINAL_METRICS, Objective, ParamSpec, StudyConfig, trial_config
+from ltcore.tune.config import (
+    FINAL_METRICS,
+    RUN_CONFIG_KEY,
+    Objective,
+    ParamSpec,
+    StudyConfig,
+    trial_config,
+    variant_configs,
+)
 
 OK, STOPPED, ERROR = "ok", "stopped", "error"
 TEST_METRICS = tuple("test_" + m[len("val_"):] for m in FINAL_METRICS)
@@ -26,7 +34,7 @@ TEST_METRICS = tuple("test_" + m[len("val_"):] for m in FINAL_METRICS)
 
 def columns(study: StudyConfig) -> list[str]:
     return ["trial", *(s.key for s in study.space), "status", "stopped_at_epoch", *FINAL_METRICS, *TEST_METRICS,
-            "error"]
+            "minutes", "error"]
 
 
 def _fmt(v: Any) -> str:
@@ -84,6 +92,8 @@ def pareto_rows(study: StudyConfig, rows: Sequence[dict[str, Any]]) -> list[dict
 def best_config_yaml(study: StudyConfig, base: Config, row: dict[str, Any]) -> str:
     """The best trial's run config for ``two_stage.py``: the base config with the trial's values, a new run."""
     params = {s.key: row[s.key] for s in study.space}
+    if RUN_CONFIG_KEY in params:  # the best trial's own run config file
+        base = variant_configs(study)[str(params[RUN_CONFIG_KEY])]
     cfg = trial_config(base, params, storage=base.train.storage, run_id="")
     head = (f"# Best trial {row['trial']} of study {study.name!r} ({study.objectives[0].metric} = "
             f"{row.get(study.objectives[0].metric)}); run with: python pipelines/two_stage.py --config <this file>\n")

@@ -20,7 +20,7 @@ from ltcore import storage
 from ltcore.config import Config, ConfigError, flatten, to_dict
 from ltcore.errors import root_cause
 from ltcore.tune import results
-from ltcore.tune.config import StudyConfig, scheduler_metric, searches_data
+from ltcore.tune.config import StudyConfig, scheduler_metric, searches_data, variant_configs
 from ltcore.tune.trial import FINAL_KEY, trial_dirname
 
 STUDY_FILE = "study.yaml"
@@ -107,28 +107,32 @@ def tune_config(study: StudyConfig, base: Config) -> Any:
                            max_concurrent_trials=study.concurrency, trial_dirname_creator=trial_dirname)
 
 
-def trial_need_cpus(cfg: Config) -> float:
-    return cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.data_cpus
-
-
-def check_fits(study: StudyConfig, base: Config) -> None:
-    """``concurrency`` trials must fit the cluster at once, or the later ones would wait for CPUs forever.
+def study_need_cpus(study: StudyConfig, cfg: Config) -> float:
+    """CPUs ``concurrency`` trials of run config ``cfg`` hold at once.
 
     Every trial's training workers hold their CPUs for the whole run, and the ingest's repartition step (small
     splits) runs as tasks of one whole CPU: one whole CPU must stay free beside all the trials' workers, or those
     tasks never start (Ray Data warns "may hang forever", and it does).
     """
-    import ray
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker
+    return study.concurrency * (workers + TRIAL_CPUS) + max(1.0, cfg.train.data_cpus)
 
-    total = float(ray.cluster_resources().get("CPU", 0))
-    workers = base.train.num_workers * base.train.cpus_per_worker
-    need = study.concurrency * (workers + TRIAL_CPUS) + max(1.0, base.train.data_cpus)
-    if need > total + 1e-9:
-        raise ConfigError(
-            f"concurrency={study.concurrency} trials x (train.num_workers={base.train.num_workers} x "
-            f"train.cpus_per_worker={base.train.cpus_per_worker:g} + {TRIAL_CPUS:g} for the trial) + 1 CPU for "
-            f"the data tasks needs {need:g} CPUs but the cluster has {total:g}; lower concurrency, "
-            "run.train.num_workers or run.train.cpus_per_worker")
+
+def check_fits(study: StudyConfig, base: Config, total: float | None = None) -> None:
+    """``concurrency`` trials must fit the cluster (``total`` CPUs; default: Ray's count) at once, or the later
+    ones would wait for CPUs forever. Searched run config files are checked each."""
+    if total is None:
+        import ray
+
+        total = float(ray.cluster_resources().get("CPU", 0))
+    for name, cfg in {"": base, **variant_configs(study)}.items():
+        need = study_need_cpus(study, cfg)
+        if need > total + 1e-9:
+            raise ConfigError(
+                f"{name + ': ' if name else ''}concurrency={study.concurrency} trials x (train.num_workers="
+                f"{cfg.train.num_workers} x train.cpus_per_worker={cfg.train.cpus_per_worker:g} + {TRIAL_CPUS:g} "
+                f"for the trial) + 1 CPU for the data tasks needs {need:g} CPUs but the cluster has {total:g}; "
+                "lower concurrency, run.train.num_workers or run.train.cpus_per_worker")
 
 
 class Progress(Callback):
@@ -176,6 +180,8 @@ def rows_from(study: StudyConfig, grid: Any) -> list[dict[str, Any]]:
             row["status"], row["error"] = results.ERROR, one_line(res.error)
         else:
             row["status"] = results.OK if m.get(FINAL_KEY) else results.STOPPED
+        if isinstance(m.get("time_total_s"), int | float):
+            row["minutes"] = float(m["time_total_s"]) / 60  # the trial's wall time as Tune measured it
         if row["status"] == results.STOPPED and "epoch" in m:
             row["stopped_at_epoch"] = int(m["epoch"]) + 1
         for k in (*results.FINAL_METRICS, *results.TEST_METRICS):
@@ -203,7 +209,7 @@ def run_study(study: StudyConfig, base: Config, *, log: Callable[[str], None] = 
     if start_cluster is not None:
         start_cluster()
     check_fits(study, base)
-    dataset = "" if searches_data(study) else ensure_dataset(base)
+    dataset = "" if searches_data(study, base) else ensure_dataset(base)
     if not resumed:
         storage.write_text(storage.join(uri, STUDY_FILE),
                            yaml.safe_dump({"study": to_dict(study), "run": to_dict(base, redact=True)},
@@ -219,8 +225,8 @@ def _fit(study: StudyConfig, base: Config, uri: str, dataset: str, resumed: bool
 
     from ltcore.tune.trial import TrialSetup, run_trial
 
-    setup = TrialSetup(base=to_dict(base), study_uri=uri, dataset=dataset, need_cpus=trial_need_cpus(base),
-                       resource_timeout_s=study.resource_timeout_s)
+    setup = TrialSetup(base=to_dict(base), study_uri=uri, dataset=dataset, resource_timeout_s=study.resource_timeout_s,
+                       variants={name: to_dict(cfg) for name, cfg in variant_configs(study).items()})
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPUS})
     callbacks: list[Any] = [Progress(study, log)]
     if study.tracking.mlflow:

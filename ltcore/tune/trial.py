@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ltcore import storage
 from ltcore.config import Config, from_dict
-from ltcore.tune.config import EPOCH_METRICS, trial_config
+from ltcore.tune.config import EPOCH_METRICS, RUN_CONFIG_KEY, trial_config
 
 # Keys of every per-epoch and final report: Tune and ASHA see one flat dict of numbers per step.
 STAGE_KEY, FINAL_KEY, REPORT_KEY = "stage", "final", "report"
@@ -32,8 +32,9 @@ class TrialSetup:
     base: dict[str, Any]  # the base run config (to_dict, not redacted: the trial process needs the storage keys)
     study_uri: str
     dataset: str  # the study's dataset version, or "" when trials search data settings and prepare their own
-    need_cpus: float  # what the trial's training workers and data tasks reserve
     resource_timeout_s: float
+    # the searched run config files (``run_config`` in the space), loaded on the driver: name -> to_dict
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class EpochToTune(TuneReportCallback):
@@ -79,8 +80,13 @@ def trial_dirname(trial: Any) -> str:
 
 
 def trial_run_config(setup: TrialSetup, params: dict[str, Any], trial_id: str) -> Config:
-    return trial_config(from_dict(setup.base), params, storage=setup.study_uri, run_id=trial_id,
-                        dataset=setup.dataset)
+    base = setup.variants[str(params[RUN_CONFIG_KEY])] if RUN_CONFIG_KEY in params else setup.base
+    return trial_config(from_dict(base), params, storage=setup.study_uri, run_id=trial_id, dataset=setup.dataset)
+
+
+def trial_need_cpus(cfg: Config) -> float:
+    """What a trial's training workers and data tasks reserve."""
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + cfg.train.data_cpus
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -96,7 +102,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     t0 = time.perf_counter()
     run, manifest_uri, manifest = open_checked_run(cfg, log=lambda *_: None)
     runs.record_run(run, cfg, manifest_uri, manifest.hash)
-    wait_for_cpus(setup.need_cpus, setup.resource_timeout_s)
+    wait_for_cpus(trial_need_cpus(cfg), setup.resource_timeout_s)
     stages, timings = train_stages(cfg, run, manifest_uri, manifest, callbacks=[EpochToTune()])
     timings["total_s"] = time.perf_counter() - t0
     uri, _table = finish_run(cfg, run, manifest_uri, manifest, stages, timings)

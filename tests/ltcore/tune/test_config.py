@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from ltcore.config import ConfigError
-from ltcore.tune.config import load_study, searches_data, trial_config
+from ltcore.config import ConfigError, to_dict
+from ltcore.tune.config import load_study, searches_data, trial_config, variant_configs
 
 REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "ltcore" / "configs" / "study_demo.yaml"
@@ -37,6 +37,63 @@ def test_ham10000_study_loads_and_its_trials_are_valid_run_configs():
     assert base.stage1.method == "logit_adjusted" and base.stage1.epochs == 2 and base.train.torch_threads == 2
     cfg = trial_config(base, {"stage1.loss.la_tau": 0.5, "stage1.q": 0.25}, storage="/tmp/study", run_id="t0")
     assert cfg.stage1.loss.la_tau == 0.5 and cfg.stage1.q == 0.25
+
+
+def test_shipped_studies_fit_two_cores_and_an_oversized_one_is_refused():
+    from ltcore.tune.study import check_fits
+
+    for name in ("study_demo.yaml", "study_ham10000.yaml"):
+        check_fits(*load_study(str(REPO / "ltcore" / "configs" / name)), total=2.0)
+    study, base = load_study(str(REPO / "ltcore" / "configs" / "study_ham10000.yaml"), ["run.train.cpus_per_worker=1"])
+    with pytest.raises(ConfigError, match=r"needs 2\.01 CPUs but the cluster has 2"):
+        check_fits(study, base, total=2.0)
+
+
+def test_a_study_searches_run_config_files(tmp_path):
+    """``run_config`` in the space: each trial starts from its own file (with run_overrides and run.* applied)."""
+    from ltcore.tune.results import best_config_yaml
+    from ltcore.tune.study import check_fits
+    from ltcore.tune.trial import TrialSetup, trial_run_config
+
+    cfgs = tmp_path / "cfgs"
+    cfgs.mkdir()
+    (cfgs / "common.yaml").write_text("stage1: {epochs: 9, lr: 0.05}\ntrain: {num_workers: 1, cpus_per_worker: 0.5}\n")
+    (cfgs / "a.yaml").write_text("base: common.yaml\nstage1: {method: focal}\n")
+    (cfgs / "b.yaml").write_text("base: common.yaml\nstage1: {method: ce}\nstage2: {method: crt}\n")
+    (cfgs / "c.yaml").write_text("base: common.yaml\ndata: {image_size: 48}\n")
+    study_file = cfgs / "study.yaml"
+    study_file.write_text("run_overrides: [stage1.epochs=2]\nsearch: grid\nconcurrency: 1\nspace:\n"
+                          "  - {key: run_config, dist: grid, values: [a.yaml, b.yaml]}\n"
+                          "  - {key: stage1.q, dist: grid, values: [0.0, 0.5]}\n")
+    study, base = load_study(str(study_file), ["run.stage1.lr=0.01"])
+    assert base.stage1.method == "focal"  # no run_config field: the first searched file is the base
+    setup = TrialSetup(base={}, study_uri=str(tmp_path / "s"), dataset="", resource_timeout_s=1.0,
+                       variants={k: to_dict(v) for k, v in variant_configs(study).items()})
+    cfg = trial_run_config(setup, {"run_config": "b.yaml", "stage1.q": 0.5}, "trial_001_x")
+    assert (cfg.stage1.method, cfg.stage2.method, cfg.stage1.q) == ("ce", "crt", 0.5)
+    assert (cfg.stage1.epochs, cfg.stage1.lr) == (2, 0.01)  # the study's run_overrides, then run.* overrides
+    assert cfg.train.run_id == "trial_001_x"
+    best = best_config_yaml(study, base, {"trial": "trial_001_x", "run_config": "b.yaml", "stage1.q": 0.5,
+                                          "val_balanced_accuracy": 0.5})
+    assert "method: crt" in best and "epochs: 2" in best
+    assert not searches_data(study, base)
+    check_fits(study, base, total=2.0)
+    # a searched file with another dataset: each trial prepares its own
+    other, other_base = load_study(str(study_file), ["space=[{key: run_config, dist: grid, values: [a.yaml, c.yaml]}]"])
+    assert searches_data(other, other_base)
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("[a.yaml, nope.yaml]", "space run_config value 'nope.yaml': config file"),
+    ("[]", "run config files with dist grid or choice and a non-empty 'values'"),
+])
+def test_a_bad_searched_run_config_is_one_line(tmp_path, values, message):
+    (tmp_path / "a.yaml").write_text("stage1: {epochs: 1}\n")
+    path = tmp_path / "study.yaml"
+    path.write_text(f"search: grid\nspace: [{{key: run_config, dist: grid, values: {values}}}]\n")
+    with pytest.raises(ConfigError, match=message) as e:
+        load_study(str(path))
+    assert "\n" not in str(e.value)
 
 
 def test_run_prefixed_overrides_go_to_the_run_config(tmp_path):
