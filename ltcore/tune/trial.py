@@ -94,7 +94,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ltcore.engine import runs
     from ltcore.engine.pipeline import finish_run, open_checked_run, train_stages
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # many trials' bars would interleave
+    ctx = ray.data.DataContext.get_current()  # many trials' bars and per-execution lines would interleave
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False
     trial_id = os.path.basename(ray.tune.get_context().get_trial_dir().rstrip("/"))  # trial_dirname
     cfg = trial_run_config(setup, params, trial_id)
     storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
