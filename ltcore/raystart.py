@@ -7,6 +7,7 @@ Ray is imported inside the function: importing this module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -35,8 +36,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     else:
         # The dashboard's state API is what Ray Train's placement-group cleaner polls; keep it on.
         # address="local": a fresh local Ray, never a stale one left by `ray start` (set RAY_ADDRESS for that).
-        start_local(num_cpus=num_cpus, **quiet)
+        # Every worker process of a local Ray holds Ray's INFO lines to the same level (quiet_worker).
+        start_local(num_cpus=num_cpus, runtime_env={"worker_process_setup_hook": "ltcore.raystart.quiet_worker"},
+                    **quiet)
     logging.getLogger("ray").setLevel(level)
+    quiet_ray_loggers(level)
     # Ray Data's progress bars and its per-execution "Starting execution ... Execution plan ..." lines only on a
     # terminal (every epoch is an execution; Ray workers would otherwise write them into the driver's log).
     ctx = ray.data.DataContext.get_current()
@@ -72,3 +76,38 @@ def _record_address(temp_root: str, gcs_address: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(gcs_address)
+
+
+def quiet_ray_loggers(level: str) -> None:
+    """Ray's lines that the levels set above miss, held at ``level`` in this process:
+
+    - Ray Train 2.60 logs every report ("Reporting training result N: TrainingReport(...)", from each worker) through
+      a logger named by its file path, outside ``ray.train``, so the run config's ``LoggingConfig`` level misses it;
+    - Ray Data's executor logs "Dataset ... execution finished" at INFO through its own ``ray.data`` handlers, and
+      each process that runs an execution warns once that progress bars are off (ltcore turns them off where there
+      is no terminal); at the default level that warning is held back too.
+
+    Called by the driver, each Tune trial and each Train worker, and, on a local Ray, by every worker process
+    (:func:`quiet_worker`); Ray Data's log file keeps everything.
+    """
+    import logging
+
+    logging.getLogger("ray.data._internal.execution.streaming_executor").setLevel(level)
+    numeric = logging.getLevelName(level)
+    logging.getLogger("ray.data._internal.progress").setLevel(max(numeric, logging.ERROR)
+                                                              if numeric >= logging.WARNING else numeric)
+    with contextlib.suppress(ImportError):  # another Ray Train layout: nothing to hold
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(level)
+
+
+def quiet_worker() -> None:
+    """``worker_process_setup_hook`` of a local Ray: :func:`quiet_ray_loggers` in every worker process, and Ray
+    Train's own use of a deprecated Ray Data option (``ExecutionOptions.exclude_resources``) not warned about."""
+    import warnings
+
+    from ltcore import logs
+
+    quiet_ray_loggers(logs.ray_log_level())
+    warnings.filterwarnings("ignore", message=r".*ExecutionOptions\.exclude_resources.*")

@@ -31,6 +31,7 @@ from ltcore.engine import dist
 from ltcore.eval.metrics import compute_metrics
 from ltcore.methods.recipes import Stage1Recipe, build_stage1
 from ltcore.models import LTModel, build_model
+from ltcore.raystart import quiet_ray_loggers
 
 logger = logging.getLogger("ltcore.engine")
 
@@ -264,8 +265,9 @@ def lr_lambda(warmup: int, total: int) -> Any:
 
 
 def set_threads(cfg: Config) -> None:
-    """Worker start-up: torch threads (``train.torch_threads``) and ltcore's log lines."""
+    """Worker start-up: torch threads (``train.torch_threads``), ltcore's log lines, Ray's quiet."""
     logs.setup()
+    quiet_ray_loggers(logs.ray_log_level())
     if cfg.train.torch_threads > 0:
         torch.set_num_threads(cfg.train.torch_threads)
 

@@ -17,8 +17,9 @@ import ray
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from ltcore import storage
+from ltcore import logs, storage
 from ltcore.config import Config, from_dict
+from ltcore.raystart import quiet_ray_loggers
 from ltcore.tune.config import EPOCH_METRICS, RUN_CONFIG_KEY, trial_config
 
 # Keys of every per-epoch and final report: Tune and ASHA see one flat dict of numbers per step.
@@ -96,6 +97,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     ctx = ray.data.DataContext.get_current()  # many trials' bars and per-execution lines would interleave
     ctx.enable_progress_bars = ctx.print_on_execution_start = False
+    quiet_ray_loggers(logs.ray_log_level())
     trial_id = os.path.basename(ray.tune.get_context().get_trial_dir().rstrip("/"))  # trial_dirname
     cfg = trial_run_config(setup, params, trial_id)
     storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -103,6 +104,19 @@ def test_secrets_are_in_no_output(finished_run):
         data = path.read_bytes()
         assert SECRET.encode() not in data and SECRET_KEY_ID.encode() not in data, path
     assert SECRET not in proc.stdout + proc.stderr and SECRET_KEY_ID not in proc.stdout + proc.stderr
+
+
+def test_a_run_prints_ltcores_lines_once_and_not_rays_info_lines(finished_run):
+    """The console of a run: ltcore's progress and the table, each line once; Ray's INFO lines (a Train report per
+    worker and epoch, Ray Data's per-execution lines) and its progress-bar notice stay in Ray's log files."""
+    _tmp, proc = finished_run
+    out = proc.stdout + proc.stderr
+    for noise in ("Reporting training result", "execution finished", "Progress bars disabled",
+                  "exclude_resources"):
+        assert noise not in out, f"{noise!r} printed:\n{out[-3000:]}"
+    ours = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[stage1]", "[stage2]", "[data]", "run "))]
+    assert any(ln.startswith("[stage1] epoch 1/") for ln in ours) and len(ours) == len(set(ours)), ours
+    assert re.search(r"^stage2 \(\w+\) test ", proc.stdout, flags=re.M) and "report: " in proc.stdout
 
 
 @pytest.mark.parametrize(("override", "named"), [
