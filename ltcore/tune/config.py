@@ -11,7 +11,7 @@
 The space may also search whole run configs: ``{key: run_config, dist: grid, values: [ham10000_ce.yaml,
 ham10000_focal.yaml]}`` gives each trial the named file (relative to ``run_config_dir``, by default the study
 file's folder) with ``run_overrides`` applied, then the other searched values: a method comparison is a grid
-study (``benchmarks/quality_ham10000.py``). The files are read once on the driver; trials get the loaded configs.
+study (``benchmarks/quality_ham10000.py``). The files are read on the driver; trials get the loaded configs.
 
 Loaded with the same typed loader as run configs (``ltcore.config``): an unknown field or a value of the wrong
 type is a one-line :class:`ConfigError`; :func:`check_study` adds the checks that need the run config (every

@@ -41,6 +41,10 @@ def test_every_row_of_the_table_is_a_trial_of_its_method_config(tmp_path):
     assert len({(c.data, c.dataset) for c in configs.values()}) == 1  # one dataset version for every row
     other = q.quality_study(_args(tmp_path), files, ["stage1.epochs=3"])
     assert other.name != study.name  # another protocol is another study, not a refused resume
+    on_version = q.quality_study(_args(tmp_path), files, ["stage1.epochs=2", "train.cpus_per_worker=0.9"],
+                                 dataset="/data/v1/manifest.json")
+    assert on_version.name == study.name  # the version follows from the protocol's data settings
+    assert {c.dataset for c in variant_configs(on_version).values()} == {"/data/v1/manifest.json"}
 
 
 def test_study_rows_become_table_rows(tmp_path):
