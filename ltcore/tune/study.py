@@ -21,7 +21,7 @@ from ltcore.config import Config, ConfigError, flatten, to_dict
 from ltcore.errors import root_cause
 from ltcore.tune import results
 from ltcore.tune.config import StudyConfig, scheduler_metric, searches_data, variant_configs
-from ltcore.tune.trial import FINAL_KEY, trial_dirname
+from ltcore.tune.trial import FINAL_KEY, REPLAYED_KEY, REPLAYED_TIME_KEY, trial_dirname
 
 STUDY_FILE = "study.yaml"
 TUNE_DIR = "tune"
@@ -152,6 +152,10 @@ class Progress(Callback):
         value = f"{v:.4f}" if isinstance(v, float) else "-"
         at = f" at epoch {int(r.get('epoch', 0)) + 1}" if status == results.STOPPED else ""
         best = f"{self.best[0]:.4f} ({self.best[1]})" if self.best else "-"
+        if r.get(REPLAYED_KEY):  # its line was printed before the interruption; say it is kept, not run again
+            self.log(f"kept {trial_dirname(trial)} {status} (it had finished before the interruption): "
+                     f"{self.objective.metric} {value}; best so far {best}")
+            return
         self.log(f"trial {trial_dirname(trial)} {status}{at}: {self.objective.metric} {value}; best so far {best}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -180,8 +184,9 @@ def rows_from(study: StudyConfig, grid: Any) -> list[dict[str, Any]]:
             row["status"], row["error"] = results.ERROR, one_line(res.error)
         else:
             row["status"] = results.OK if m.get(FINAL_KEY) else results.STOPPED
-        if isinstance(m.get("time_total_s"), int | float):
-            row["minutes"] = float(m["time_total_s"]) / 60  # the trial's wall time as Tune measured it
+        secs = m.get(REPLAYED_TIME_KEY, m.get("time_total_s"))  # as Tune measured it, or the finished run's
+        if isinstance(secs, int | float):
+            row["minutes"] = float(secs) / 60
         if row["status"] == results.STOPPED and "epoch" in m:
             row["stopped_at_epoch"] = int(m["epoch"]) + 1
         for k in (*results.FINAL_METRICS, *results.TEST_METRICS):

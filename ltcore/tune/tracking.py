@@ -15,7 +15,7 @@ from typing import Any
 from ray.tune import Callback
 
 from ltcore import storage
-from ltcore.tune.trial import trial_dirname
+from ltcore.tune.trial import REPLAYED_KEY, trial_dirname
 
 TRIAL_TAG = "ltcore.trial_id"
 ARTIFACTS = ("report.json", "confusion_matrix.png", "recall_vs_count.png")
@@ -82,6 +82,8 @@ class MlflowTrials(Callback):
         from mlflow.entities import Metric
 
         run_id = self._run_id(trial)
+        if result.get(REPLAYED_KEY):  # a finished trial's result reported again after a resume: logged already
+            return
         step = int(result.get("training_iteration", 0))
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()

@@ -4,6 +4,11 @@ The trial is the Train driver (Ray's Train-V2-in-Tune pattern): it builds the tr
 folder ``<study>/runs/<trial_id>/`` (a restarted trial resumes its Ray Train checkpoints there), runs
 :func:`ltcore.engine.pipeline.train_stages` with a callback that forwards each stage-1 epoch's metrics to Tune
 (what ASHA watches), writes the report and plots, and reports the final stage's validation metrics last.
+
+The final result is also written to the run folder (``final_result.json``) before it is reported. Tune saves its
+experiment state only every so often, so a driver killed just after a trial finished restores that trial as
+unfinished; the restarted trial then finds its final result there and reports it again at once instead of
+training a second time (:data:`REPLAYED_KEY` marks such a report).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ from ltcore.tune.config import EPOCH_METRICS, RUN_CONFIG_KEY, trial_config
 
 # Keys of every per-epoch and final report: Tune and ASHA see one flat dict of numbers per step.
 STAGE_KEY, FINAL_KEY, REPORT_KEY = "stage", "final", "report"
+# Marks a final result reported again by a trial restarted after it had finished, and carries the first run's
+# wall time (Tune's own time_total_s then measures only the replay).
+REPLAYED_KEY, REPLAYED_TIME_KEY = "replayed", "replayed_time_s"
+FINAL_FILE = "final_result.json"
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,11 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg = trial_run_config(setup, params, trial_id)
     storage.set_default_s3(storage.S3Options(cfg.storage.s3_endpoint_url, cfg.storage.s3_access_key,
                                              cfg.storage.s3_secret_key, cfg.storage.s3_region))
+    final_uri = storage.join(setup.study_uri, "runs", trial_id, FINAL_FILE)
+    if storage.exists(final_uri):  # finished before the driver died: report the same result, train nothing
+        done = storage.read_json(final_uri)
+        ray.tune.report({**done["result"], REPLAYED_KEY: 1, REPLAYED_TIME_KEY: float(done["time_s"])})
+        return
     t0 = time.perf_counter()
     run, manifest_uri, manifest = open_checked_run(cfg, log=lambda *_: None)
     runs.record_run(run, cfg, manifest_uri, manifest.hash)
@@ -116,6 +130,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         out.update({f"{split}_{k}": float(v) for k, v in final[split].items()
                     if isinstance(v, int | float) and not isinstance(v, bool)})
     out[REPORT_KEY] = uri
+    storage.write_json(final_uri, {"result": out, "time_s": time.perf_counter() - t0})
     ray.tune.report(out)
 
 

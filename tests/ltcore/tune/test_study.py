@@ -111,11 +111,14 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_first = {ln.split()[1] for ln in finished}
+    runs = tmp_path / "studies" / "resume" / "runs"
+    reports = {t: (runs / t / "report.json").stat().st_mtime_ns for t in done_first}
 
     out = study(tmp_path, *args, timeout=1500)
     assert "study resume: resuming" in out.stdout
     rerun = {ln.split()[1] for ln in out.stdout.splitlines() if ln.startswith("trial ")}
     assert not done_first & rerun, (done_first, rerun)  # finished trials were not run again
+    assert {t: (runs / t / "report.json").stat().st_mtime_ns for t in done_first} == reports  # nor rewritten
     rows = table(tmp_path / "studies" / "resume" / "results.csv")
     assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4
     assert all(r["status"] == "ok" for r in rows), rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,3 +59,42 @@ def test_one_line_takes_the_innermost_error():
     except RuntimeError as outer:
         assert one_line(outer) == "ConfigError: stage2.method=crt needs model.head=linear (got 'cosine')"
     assert one_line(RunError("run x failed in stage 1: ValueError: y; traceback in z")).startswith("run x failed")
+
+
+def test_a_restarted_finished_trial_reports_its_result_again_without_training(tmp_path, monkeypatch):
+    # Tune restores a trial that finished just before the driver died as unfinished and starts it again: the
+    # trial must find its final result in its run folder and report it at once, not train a second time.
+    import ray.tune
+
+    from ltcore.engine import pipeline
+    from ltcore.tune import trial as trial_mod
+    from ltcore.tune.study import Progress, rows_from
+
+    study, base = load_study(DEMO, [f"storage={tmp_path}"])
+    uri = study_uri(study)
+    tid = "trial_002_ab12"
+    result = {"stage": 2, "final": 1, "epoch": 1.0, "val_balanced_accuracy": 0.625, "report": "r.json"}
+    Path(uri, "runs", tid).mkdir(parents=True)
+    Path(uri, "runs", tid, trial_mod.FINAL_FILE).write_text(json.dumps({"result": result, "time_s": 90.0}))
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_dir=lambda: f"/t/{tid}/"))
+    monkeypatch.setattr(ray.tune, "report", reported.append)
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished trial trained again")
+
+    monkeypatch.setattr(pipeline, "open_checked_run", no_training)
+    monkeypatch.setattr(pipeline, "train_stages", no_training)
+    setup = trial_mod.TrialSetup(base=to_dict(base), study_uri=uri, dataset="", resource_timeout_s=1.0)
+    trial_mod.run_trial({}, setup)
+    assert reported == [{**result, trial_mod.REPLAYED_KEY: 1, trial_mod.REPLAYED_TIME_KEY: 90.0}]
+
+    # The driver says it kept the trial (no second "trial ..." line), and the table keeps the first run's time.
+    lines: list[str] = []
+    t = SimpleNamespace(experiment_tag="2_x", trial_id="ab12", last_result=reported[0])
+    Progress(study, lines.append).on_trial_complete(0, [], t)
+    assert len(lines) == 1 and lines[0].startswith(f"kept {tid} ok") and "0.6250" in lines[0], lines
+    grid = [SimpleNamespace(metrics={**reported[0], "time_total_s": 2.0}, path=f"/x/tune/{tid}", config={},
+                            error=None)]
+    (row,) = rows_from(study, grid)
+    assert row["status"] == "ok" and row["minutes"] == 1.5 and row["val_balanced_accuracy"] == 0.625
