@@ -174,18 +174,24 @@ def one_line(err: BaseException | None) -> str:
     return text[:400] if type(root).__name__ == "RunError" else f"{type(root).__name__}: {text[:400]}"
 
 
-def rows_from(study: StudyConfig, grid: Any) -> list[dict[str, Any]]:
+def rows_from(study: StudyConfig, grid: Any, configs: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The table's rows. ``configs`` (trial folder name -> params, from the experiment state) gives the params of
+    trials that never reported: a Tune result carries its config only inside its last reported metrics, which a
+    restored study does not have for a trial that errored before its first report."""
     rows = []
     for res in grid:
         m = dict(res.metrics or {})
         tid = str(res.path).rstrip("/").rsplit("/", 1)[-1]  # named by trial_dirname
-        row: dict[str, Any] = {"trial": tid, **{s.key: (res.config or {}).get(s.key) for s in study.space}}
+        params = res.config or (configs or {}).get(tid) or {}
+        row: dict[str, Any] = {"trial": tid, **{s.key: params.get(s.key) for s in study.space}}
         if res.error is not None:
             row["status"], row["error"] = results.ERROR, one_line(res.error)
         else:
             row["status"] = results.OK if m.get(FINAL_KEY) else results.STOPPED
-        secs = m.get(REPLAYED_TIME_KEY, m.get("time_total_s"))  # as Tune measured it, or the finished run's
-        if isinstance(secs, int | float):
+        # The trial's wall time as Tune measured it (or the finished run's, for a replayed result); none for an
+        # errored trial, whose time is not kept in the experiment state a resumed study reads.
+        secs = m.get(REPLAYED_TIME_KEY, m.get("time_total_s"))
+        if isinstance(secs, int | float) and row["status"] != results.ERROR:
             row["minutes"] = float(secs) / 60
         if row["status"] == results.STOPPED and "epoch" in m:
             row["stopped_at_epoch"] = int(m["epoch"]) + 1
@@ -220,12 +226,13 @@ def run_study(study: StudyConfig, base: Config, *, log: Callable[[str], None] = 
                            yaml.safe_dump({"study": to_dict(study), "run": to_dict(base, redact=True)},
                                           sort_keys=False))
     log(f"study {study.name}: {'resuming' if resumed else 'new'}, {uri}")
-    grid = _fit(study, base, uri, dataset, resumed, log)
-    return write_outputs(study, base, uri, rows_from(study, grid), log)
+    grid, configs = _fit(study, base, uri, dataset, resumed, log)
+    return write_outputs(study, base, uri, rows_from(study, grid, configs), log)
 
 
 def _fit(study: StudyConfig, base: Config, uri: str, dataset: str, resumed: bool,
-         log: Callable[[str], None]) -> Any:
+         log: Callable[[str], None]) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """Run or restore the Tuner: ``(ResultGrid, trial folder name -> params)``."""
     from ray import tune
 
     from ltcore.tune.trial import TrialSetup, run_trial
@@ -256,7 +263,9 @@ def _fit(study: StudyConfig, base: Config, uri: str, dataset: str, resumed: bool
     else:
         tuner = tune.Tuner(trainable, param_space=search_space(study), tune_config=tune_config(study, base),
                            run_config=run_config)
-    return tuner.fit()
+    grid = tuner.fit()
+    analysis = tune.ExperimentAnalysis(exp_path, storage_filesystem=fs)
+    return grid, {trial_dirname(t): dict(t.config) for t in analysis.trials}
 
 
 def write_outputs(study: StudyConfig, base: Config, uri: str, rows: list[dict[str, Any]],

@@ -98,3 +98,17 @@ def test_a_restarted_finished_trial_reports_its_result_again_without_training(tm
                             error=None)]
     (row,) = rows_from(study, grid)
     assert row["status"] == "ok" and row["minutes"] == 1.5 and row["val_balanced_accuracy"] == 0.625
+
+
+def test_restored_errored_trial_keeps_its_params_from_the_experiment_state(tmp_path):
+    # A restored study's result for a trial that errored before reporting has no config (Tune keeps a result's
+    # config inside its last metrics): the params come from the experiment state's trials instead.
+    from ltcore.tune.study import rows_from
+
+    study, _ = load_study(DEMO, [f"storage={tmp_path}"])
+    key = study.space[0].key
+    err = SimpleNamespace(metrics={"trial_id": "cd34"}, config=None, path="s3://b/s/tune/trial_003_cd34",
+                          error=RuntimeError("boom"))
+    (row,) = rows_from(study, [err], {"trial_003_cd34": {key: 0.5}, "trial_004_ef56": {key: 0.7}})
+    assert row[key] == 0.5 and row["status"] == "error" and row["error"] == "RuntimeError: boom"
+    assert "minutes" not in row
