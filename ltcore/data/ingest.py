@@ -578,7 +578,7 @@ def build_dataset(
         # skip it.
         ds = ds.map_batches(_read_shards, batch_size=None, batch_format="pyarrow", num_cpus=num_cpus,
                             fn_kwargs=read_kwargs)
-        ds = ds.repartition(target_num_rows_per_block=decode_batch_size)
+        ds = _cut_with_cpus(ds.repartition(target_num_rows_per_block=decode_batch_size), num_cpus)
     else:
         # One decode task per shard. Read tasks take a small CPU share (cheap work, or waiting on object storage; a
         # whole CPU would keep a decode task off it) and are capped at one per decode slot: uncapped, that share
@@ -589,6 +589,22 @@ def build_dataset(
     return ds.map_batches(_decode_batch, batch_size=decode_batch_size, batch_format="pyarrow", num_cpus=num_cpus,
                           fn_kwargs={"spec": spec, "epoch_source": epoch_source, "normalize": normalize},
                           udf_modifying_row_count=False)
+
+
+def _cut_with_cpus(ds: Any, num_cpus: float) -> Any:
+    """Give the streaming repartition just added to ``ds`` the decode tasks' CPUs.
+
+    ``Dataset.repartition`` takes no resource arguments, so its tasks ask for Ray's default of one whole CPU. On a
+    cluster where no node has a whole CPU left beside the Train workers (2 workers of 0.5 CPU on two 1-CPU nodes)
+    they never start, and the workers wait for the split forever. Ray's planner reads the operator's
+    ``ray_remote_args`` (Ray 2.60, as pinned in pyproject.toml); another layout is an error, not a silent hang.
+    """
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
+        raise RuntimeError(f"ltcore.data.ingest: this Ray version's repartition ({type(op).__name__}) has no "
+                           "ray_remote_args to set; use the Ray version pinned in pyproject.toml")
+    object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": num_cpus})  # a frozen dataclass
+    return ds
 
 
 def _from_decoded(decoded: DecodedSplit, spec: IngestSpec, version: _Version, *, epoch_source: EpochSource | None,

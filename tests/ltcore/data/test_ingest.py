@@ -255,6 +255,35 @@ def test_ray_dataset_matches_local_and_redraws_per_epoch(ray_session, fake_versi
 
 
 @pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_cut_split_streams_when_no_whole_cpu_is_free(ray_session, fake_version):
+    # A cluster whose nodes have only part of a CPU left beside the Train workers (2 workers of 0.5 CPU on two 1-CPU
+    # nodes): the streaming repartition of a cut split must run on the decode tasks' CPUs. With Ray's default of one
+    # whole CPU per repartition task the split never delivers a row (seen as a hung 2-node job).
+    import threading
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    spec = IngestSpec(split="val", views=("test",), image_size=16, q=None, shuffle=False)
+    ds = build_dataset(fake_version, spec, num_cpus=0.5, decode_batch_size=2, cut=True)
+    held = placement_group([{"CPU": 1.5}])  # of the session's 2 CPUs: 0.5 left, no whole CPU
+    ray.get(held.ready(), timeout=60)
+    rows: list[int] = []
+    reader = threading.Thread(target=lambda: rows.extend(len(b["label"]) for b in ds.iter_batches(batch_size=2)),
+                              daemon=True)
+    try:
+        reader.start()
+        reader.join(timeout=90)
+        delivered = not reader.is_alive()
+    finally:
+        remove_placement_group(held)
+        reader.join(timeout=60)
+    assert delivered, "the cut split delivered nothing in 90 s with 0.5 CPU free"
+    assert sum(rows) == 6  # the fake version's val split: 3 + 2 + 1
+
+
+@pytest.mark.ray
 def test_ray_clock_must_be_set(ray_session, fake_version):
     spec = IngestSpec(split="train", views=("weak",), image_size=16, q=0.0, seed=5)
     ds = build_dataset(fake_version, spec, epoch_source=EpochClock(), num_cpus=0.5)
