@@ -599,7 +599,7 @@ def _cut_with_cpus(ds: Any, num_cpus: float) -> Any:
     they never start, and the workers wait for the split forever. Ray's planner reads the operator's
     ``ray_remote_args`` (Ray 2.60, as pinned in pyproject.toml); another layout is an error, not a silent hang.
     """
-    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    op: Any = getattr(getattr(ds, "_logical_plan", None), "dag", None)
     if type(op).__name__ != "StreamingRepartition" or not isinstance(getattr(op, "ray_remote_args", None), dict):
         raise RuntimeError(f"ltcore.data.ingest: this Ray version's repartition ({type(op).__name__}) has no "
                            "ray_remote_args to set; use the Ray version pinned in pyproject.toml")
