@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, default=0, help="actor pool size (default: GPUs, else 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=64)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after a flag
     if args.actors < 0 or args.batch_size < 1 or args.cpus_per_actor <= 0:
         raise ValueError("--actors must be >= 0, --batch-size >= 1, --cpus-per-actor > 0")
     cfg = cli.load(args.config, args.overrides)

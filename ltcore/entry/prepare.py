@@ -33,7 +33,7 @@ def qualify(overrides: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--quiet", action="store_true", help="print only the result line")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after a flag
     cfg: Config = cli.load(args.config, qualify(args.overrides))
     cli.use_storage(cfg)
 

@@ -22,7 +22,7 @@ from ltcore import cli
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__.splitlines()[0])
     p.add_argument("--smoke-test", action="store_true", help="run the config tiny (1 short epoch per stage)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after a flag
     cfg = cli.load(args.config, args.overrides, smoke=args.smoke_test)
 
     from ltcore.lifecycle.retrain import retrain

@@ -18,7 +18,7 @@ from ltcore import cli
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.parser(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before and after a flag
     from ltcore.tune.config import load_study
 
     study, base = load_study(args.config, args.overrides, default_run_config=cli.DEMO_CONFIG)

@@ -140,6 +140,16 @@ def test_resume_with_another_config_is_refused_before_ray(finished_run, override
 # 2: a typo'd label, an empty ImageFolder class
 
 
+@pytest.mark.parametrize(("script", "flag"), [("two_stage.py", "--smoke-test"), ("retrain.py", "--smoke-test"),
+                                              ("prepare_data.py", "--quiet")])
+def test_overrides_on_both_sides_of_a_flag(tmp_path, script, flag):
+    # As a cluster entrypoint plus local settings reads: `retrain.py --config X a=b --smoke-test c=d`. All of the
+    # overrides reach the config (the misspelt key after the flag is named), none is refused by the parser.
+    proc, _ = _cli(script, *_paths(tmp_path), flag, "stage1.epochz=1", cwd=tmp_path, timeout=120)
+    line = _one_error_line(proc)
+    assert "stage1.epochz" in line and "unrecognized arguments" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("script", ["prepare_data.py", "two_stage.py"])
 def test_typo_label_is_not_a_new_class(tmp_path, script):
     overrides = _table_source(tmp_path / "src", {"nv": 12, "mel": 8, "df": 5, "mell": 1})
